@@ -1,0 +1,100 @@
+"""The `tunepipe` command: predict, and the commands around the pipeline (sweep, promote, models).
+
+Each subcommand lives in its own module with `add_parser(subparsers)`; this file only wires them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from stages.errors import UserError, run_main
+
+DEFAULT_EXPORT = Path("models/onnx")
+
+
+def load_predictor(model: str, params_file: str):
+    """A path to an export directory, or an MLflow model URI (models:/NAME@champion, runs:/...)."""
+    if "://" not in model and ":/" not in model:
+        path = Path(model)
+        if not (path / "tunepipe.json").is_file():
+            raise UserError(f"--model: {path} is not an exported model directory (no tunepipe.json); "
+                            "run `dvc repro` first or pass models:/NAME@champion")
+        from stages.pyfunc_model import TextPredictor
+
+        return TextPredictor(path).predict
+    import mlflow
+
+    from stages import tracking
+    from stages.params import load_params
+
+    if Path(params_file).is_file():
+        tracking.setup(load_params(params_file).tracking)
+    try:
+        pyfunc = mlflow.pyfunc.load_model(model)
+    except mlflow.exceptions.MlflowException as exc:
+        raise UserError(f"--model: could not load {model}: {str(exc).splitlines()[0]}") from None
+
+    def predict(texts: list[str]) -> list[dict]:
+        return pyfunc.predict(texts).to_dict(orient="records")
+
+    return predict
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    texts = args.text or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not texts:
+        raise UserError("predict: give one or more texts as arguments or on standard input")
+    results = load_predictor(args.model, args.params)(texts)
+    for text, res in zip(texts, results, strict=True):
+        if args.json:
+            print(json.dumps({"text": text, **res}, ensure_ascii=False))
+        elif "entities" in res:
+            ents = ", ".join(f"{e['text']} [{e['type']}] {e['score']:.2f}" for e in res["entities"]) or "(none)"
+            print(f"{text}\n  entities: {ents}")
+        else:
+            probs = "  ".join(f"{k}={v:.3f}" for k, v in res["probabilities"].items())
+            print(f"{res['label']}\t{res['score']:.3f}\t{probs}\t{text}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tunepipe", description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("predict", help="label texts with an exported or registered model")
+    p.add_argument("text", nargs="*", help="texts to label (default: one per line on stdin)")
+    p.add_argument("--model", default=str(DEFAULT_EXPORT),
+                   help="export directory, or an MLflow URI such as models:/NAME@champion (default: models/onnx)")
+    p.add_argument("--json", action="store_true", help="one JSON object per text")
+    p.set_defaults(func=cmd_predict)
+
+    for module in _subcommand_modules():
+        module.add_parser(sub)
+    return parser
+
+
+def _subcommand_modules() -> list:
+    import importlib
+
+    mods = []
+    for name in ("stages.sweep", "stages.registry"):
+        try:
+            mods.append(importlib.import_module(name))
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+    return mods
+
+
+def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    run_main(lambda: args.func(args))
+
+
+if __name__ == "__main__":
+    main()

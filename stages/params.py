@@ -1,0 +1,167 @@
+"""The params schema: every key in params.yaml, its type and range, in one place.
+
+Unknown keys, wrong types and out-of-range values stop with a message naming the key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from stages.errors import UserError
+
+PARAMS_FILE = "params.yaml"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataParams(_Section):
+    source: str = "builtin:tweets"
+    text_column: str = "text"
+    label_column: str = "sentiment"
+    encoding: str | None = None
+    max_train_samples: int | None = Field(default=None, gt=0)
+    validation_size: float = Field(default=0.1, gt=0, lt=0.5)
+    test_size: float = Field(default=0.1, gt=0, lt=0.5)
+    seed: int = 42
+    # NER only: tag scheme of the CoNLL tags (auto = detect).
+    tag_scheme: Literal["auto", "IOB1", "IOB2", "BIO", "BIOES"] = "auto"
+
+
+class ModelParams(_Section):
+    name: str = "builtin:minilm-l6"
+
+
+class TokenizeParams(_Section):
+    max_length: int = Field(default=64, ge=8, le=4096)
+    # NER only: give every sub-token its word's tag instead of -100 after the first.
+    label_all_subtokens: bool = False
+
+
+class AugmentParams(_Section):
+    method: Literal["none", "token_mask", "random_deletion", "span_cutoff", "entity_swap"] = "none"
+    ratio: float = Field(default=0.0, ge=0, le=10)
+    probability: float = Field(default=0.15, gt=0, lt=1)
+    seed: int = 7
+
+
+class FinetuneParams(_Section):
+    learning_rate: float = Field(default=5e-5, gt=0, lt=1)
+    batch_size: int = Field(default=32, ge=1, le=4096)
+    epochs: float = Field(default=1.0, gt=0, le=100)
+    max_steps: int | None = Field(default=None, gt=0)
+    dropout: float = Field(default=0.1, ge=0, lt=1)
+    weight_decay: float = Field(default=0.01, ge=0, lt=1)
+    warmup_ratio: float = Field(default=0.06, ge=0, lt=1)
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    eval_steps: int = Field(default=200, ge=1)
+    early_stopping_patience: int = Field(default=3, ge=1)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    peft: Literal["none", "lora"] = "none"
+    lora_r: int = Field(default=8, ge=1)
+    lora_alpha: int = Field(default=16, ge=1)
+    lora_dropout: float = Field(default=0.1, ge=0, lt=1)
+    seed: int = 42
+
+
+class ExportParams(_Section):
+    opset: int = Field(default=17, ge=11, le=23)
+    parity_tolerance: float = Field(default=1e-3, gt=0)
+
+
+class TrackingParams(_Section):
+    uri: str | None = None
+    experiment: str = Field(default="tunepipe", min_length=1)
+    model_name: str = Field(default="tunepipe-classifier", min_length=1)
+
+
+class SweepParams(_Section):
+    study: str = Field(default="tunepipe-sweep", min_length=1)
+    storage: str | None = None  # None = sqlite file in the project
+    trials: int = Field(default=20, gt=0)
+    timeout: float | None = Field(default=None, gt=0)
+    sampler: Literal["tpe", "random"] = "tpe"
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    seed: int = 0
+    learning_rate: tuple[float, float] = (1e-5, 1e-4)
+    batch_size: tuple[int, ...] = (16, 32)
+    dropout: tuple[float, float] = (0.0, 0.3)
+
+    @field_validator("learning_rate")
+    @classmethod
+    def _lr_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] < v[1]:
+            raise ValueError(f"range must be [low, high] with 0 < low < high, got {list(v)}")
+        return v
+
+    @field_validator("dropout")
+    @classmethod
+    def _dropout_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 <= v[0] < v[1] < 1:
+            raise ValueError(f"range must be [low, high] with 0 <= low < high < 1, got {list(v)}")
+        return v
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch_choices(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not v or any(b < 1 for b in v):
+            raise ValueError(f"choices must be a non-empty list of positive integers, got {list(v)}")
+        return v
+
+
+class PromoteParams(_Section):
+    metric: str = "macro_f1"
+    min_delta: float = Field(default=0.005, ge=0)
+    min_metric: float = Field(default=0.0, ge=0)
+    significance: float | None = Field(default=None, gt=0, lt=1)
+    test: Literal["bootstrap", "mcnemar"] = "bootstrap"
+    bootstrap_samples: int = Field(default=1000, ge=100)
+
+
+class Params(_Section):
+    task: Literal["classification", "ner"] = "classification"
+    data: DataParams = DataParams()
+    model: ModelParams = ModelParams()
+    tokenize: TokenizeParams = TokenizeParams()
+    augment: AugmentParams = AugmentParams()
+    finetune: FinetuneParams = FinetuneParams()
+    export: ExportParams = ExportParams()
+    tracking: TrackingParams = TrackingParams()
+    sweep: SweepParams = SweepParams()
+    promote: PromoteParams = PromoteParams()
+
+
+def parse_params(raw: object, source: str = PARAMS_FILE) -> Params:
+    """Validate a plain dict; errors name the dotted key and what is wrong with it."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: expected a mapping of sections at the top level")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling against params.yaml's documented keys)"
+        elif "input" in err and err["type"] not in ("missing", "value_error"):
+            msg = f"{msg} (got {err['input']!r})"
+        more = f" (and {len(exc.errors()) - 1} more problem(s))" if len(exc.errors()) > 1 else ""
+        raise UserError(f"{source}: {key}: {msg}{more}") from None
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: params file not found; run from the project root or pass its path")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    return parse_params(raw, str(path))

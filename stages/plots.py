@@ -1,0 +1,44 @@
+"""PNG plots for reports (DVC renders the CSV/JSON plot data itself)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_curves(loss: list[dict], val: list[dict], metric: str, path: Path) -> None:
+    fig, ax1 = plt.subplots(figsize=(7, 4))
+    ax1.plot([r["step"] for r in loss], [r["loss"] for r in loss], color="tab:blue", label="train loss")
+    ax1.set_xlabel("step")
+    ax1.set_ylabel("train loss", color="tab:blue")
+    ax2 = ax1.twinx()
+    ax2.plot([r["step"] for r in val], [r[metric] for r in val], "o-", color="tab:orange", label=f"val {metric}")
+    ax2.set_ylabel(f"validation {metric}", color="tab:orange")
+    ax1.set_title("training curves")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_confusion(matrix: list[list[int]], labels: list[str], path: Path, title: str = "confusion matrix") -> None:
+    import numpy as np
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    size = max(4.0, 0.6 * len(labels) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ConfusionMatrixDisplay(np.asarray(matrix), display_labels=labels).plot(ax=ax, colorbar=False,
+                                                                          xticks_rotation=45)
+    ax.set_title(title)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _save(fig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)

@@ -1,0 +1,69 @@
+"""Stage tokenize: the model's fast tokenizer over each split (batched datasets.map), no padding.
+
+Run as `python -m stages.tokenize` (never as a script: a top-level tokenize.py would shadow the stdlib's).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import datasets
+import pandas as pd
+
+from stages.errors import run_main
+from stages.files import atomic_dir, read_json, write_json
+from stages.modeling import load_tokenizer
+from stages.params import load_params
+
+IN_DIR = Path("data/prepared")
+OUT_DIR = Path("data/tokenized")
+REPORT = Path("reports/tokenize.json")
+
+
+def tokenize_split(ds: datasets.Dataset, tokenizer, max_length: int, label2id: dict[str, int]) -> datasets.Dataset:
+    def encode(batch):
+        enc = tokenizer(batch["text"], truncation=True, max_length=max_length)
+        # Untruncated length, to report how much truncation cuts.
+        full = tokenizer(batch["text"], truncation=False)["input_ids"]
+        enc["n_tokens"] = [len(ids) for ids in full]
+        enc["length"] = [len(ids) for ids in enc["input_ids"]]  # for length-grouped batches
+        enc["labels"] = [label2id[lab] for lab in batch["label"]]
+        return enc
+
+    return ds.map(encode, batched=True, batch_size=1000, remove_columns=ds.column_names, desc="tokenize")
+
+
+def truncation_stats(ds: datasets.Dataset, max_length: int) -> dict:
+    n = ds["n_tokens"]
+    cut = sum(1 for x in n if x > max_length)
+    return {"examples": len(n), "truncated": cut, "truncation_rate": round(cut / max(len(n), 1), 4),
+            "mean_tokens": round(sum(min(x, max_length) for x in n) / max(len(n), 1), 2)}
+
+
+def main() -> None:
+    p = load_params()
+    if p.task == "ner":
+        from stages.ner_data import tokenize_ner
+
+        dsd, report = tokenize_ner(p, IN_DIR)
+    else:
+        meta = read_json(IN_DIR / "meta.json")
+        label2id = {lab: i for i, lab in enumerate(meta["labels"])}
+        tokenizer = load_tokenizer(p.model.name)
+        dsd = datasets.DatasetDict({
+            split: tokenize_split(datasets.Dataset.from_pandas(pd.read_parquet(IN_DIR / f"{split}.parquet")),
+                                  tokenizer, p.tokenize.max_length, label2id)
+            for split in ("train", "validation", "test")
+        })
+        report = {"max_length": p.tokenize.max_length,
+                  "splits": {k: truncation_stats(v, p.tokenize.max_length) for k, v in dsd.items()}}
+        dsd = dsd.remove_columns("n_tokens")
+    with atomic_dir(OUT_DIR) as tmp:
+        dsd.save_to_disk(str(tmp))
+    write_json(REPORT, report)
+    rates = ", ".join(f"{k}={v['truncation_rate']:.2%}" for k, v in report["splits"].items())
+    print(f"tokenize: max_length={p.tokenize.max_length}, truncated {rates}")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,108 @@
+"""Shared fixtures: a tiny randomly initialised BERT, tiny labelled data, and a project directory to run in."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+POSITIVE = ["great", "love", "excellent", "happy", "wonderful", "amazing"]
+NEGATIVE = ["awful", "hate", "terrible", "sad", "horrible", "broken"]
+NEUTRAL = ["table", "monday", "paper", "street", "window", "number"]
+FILLER = ["the", "a", "flight", "car", "today", "was", "is", "my", "this", "service", "very", "and"]
+
+
+def synthetic_rows(n: int, seed: int = 0, classes: tuple[str, ...] = ("negative", "neutral", "positive")
+                   ) -> list[tuple[str, str]]:
+    """Unique (text, label) rows whose label is carried by keywords, so a tiny model can learn it."""
+    rng = random.Random(seed)
+    words = {"positive": POSITIVE, "negative": NEGATIVE, "neutral": NEUTRAL}
+    rows, seen = [], set()
+    while len(rows) < n:
+        label = classes[len(rows) % len(classes)]
+        toks = rng.sample(FILLER, rng.randint(2, 6)) + rng.sample(words[label], 2)
+        rng.shuffle(toks)
+        text = " ".join(toks) + f" {rng.randint(0, 10**6)}"
+        if text not in seen:
+            seen.add(text)
+            rows.append((text, label))
+    return rows
+
+
+def write_csv(path: Path, rows: list[tuple[str, str]], header=("text", "sentiment")) -> Path:
+    import csv
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer, 32-wide BERT with random weights and the real MiniLM tokenizer (fast, offline)."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from stages.modeling import resolve_model
+
+    out = tmp_path_factory.mktemp("tiny-bert")
+    tok = AutoTokenizer.from_pretrained(resolve_model("builtin:minilm-l6"))
+    config = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128)
+    import torch
+
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def tiny_params(model_dir: Path, **overrides) -> dict:
+    """The repository's params.yaml with quick settings for tests, plus dotted-key overrides."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"].update(source="data/raw/train.csv")
+    params["model"]["name"] = str(model_dir)
+    params["tokenize"]["max_length"] = 32
+    params["finetune"].update(learning_rate=3e-3, batch_size=16, epochs=2.0, eval_steps=5,
+                              early_stopping_patience=50, warmup_ratio=0.0)
+    for key, value in overrides.items():
+        node = params
+        *path, last = key.split(".")
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return params
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch, tiny_model_dir):
+    """A working directory with params.yaml and tiny data; stages run in-process against it."""
+
+    def make(n_rows: int = 150, **overrides) -> Path:
+        write_csv(tmp_path / "data/raw/train.csv", synthetic_rows(n_rows))
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params(tiny_model_dir, **overrides)))
+        return tmp_path
+
+    monkeypatch.chdir(tmp_path)
+    return make
+
+
+def copy_repo(dest: Path) -> Path:
+    """The repository's tracked layout (code, dvc.yaml, params.yaml) in `dest`, as a fresh git+dvc repo."""
+    ignore = shutil.ignore_patterns(".venv", ".git", "mlflow.db", "mlartifacts", "mlruns", "__pycache__",
+                                    "*.egg-info", ".pytest_cache", ".ruff_cache", "prepared", "tokenized",
+                                    "augmented", "model", "checkpoints", "onnx", "optuna.db", "tmp")
+    shutil.copytree(REPO, dest, ignore=ignore, dirs_exist_ok=True)
+    return dest

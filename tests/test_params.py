@@ -1,0 +1,42 @@
+import pytest
+import yaml
+
+from stages.errors import UserError
+from stages.params import load_params, parse_params
+from tests.conftest import REPO
+
+
+def test_repository_params_are_valid():
+    p = load_params(REPO / "params.yaml")
+    assert p.task == "classification"
+    assert p.data.source == "builtin:tweets"
+    assert p.model.name == "builtin:minilm-l6"
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"finetune": {"learning_rate": -1}}, "finetune.learning_rate: Input should be greater than 0"),
+    ({"finetune": {"learnig_rate": 1e-4}}, "finetune.learnig_rate: unknown key"),
+    ({"finetune": {"batch_size": "many"}}, "finetune.batch_size: Input should be a valid integer"),
+    ({"data": {"max_train_samples": 0}}, "data.max_train_samples: Input should be greater than 0"),
+    ({"augment": {"method": "backtranslate"}}, "augment.method: Input should be"),
+    ({"sweep": {"learning_rate": [1e-3, 1e-5]}}, "sweep.learning_rate: range must be"),
+    ({"sweep": {"trials": 0}}, "sweep.trials: Input should be greater than 0"),
+    ({"task": "regression"}, "task: Input should be"),
+])
+def test_bad_values_name_the_key(raw, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        parse_params(raw)
+
+
+def test_invalid_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("finetune: [unclosed\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_params(bad)
+    with pytest.raises(UserError, match="params file not found"):
+        load_params(tmp_path / "nope.yaml")
+
+
+def test_defaults_round_trip():
+    p = parse_params(yaml.safe_load((REPO / "params.yaml").read_text()))
+    assert parse_params(p.model_dump()) == p
