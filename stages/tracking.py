@@ -65,7 +65,8 @@ def git_commit() -> str | None:
 class MlflowMetricsCallback(TrainerCallback):
     """Trainer logs -> MLflow metrics on one run, by id (works for nested sweep runs without global state)."""
 
-    RENAME = {"loss": "train_loss", "learning_rate": "learning_rate", "grad_norm": "grad_norm"}
+    # Trainer's end-of-training summary reuses "train_loss" for the mean loss: keep it apart from the curve.
+    RENAME = {"loss": "train_loss", "train_loss": "train_loss_mean"}
 
     def __init__(self, run_id: str):
         import mlflow

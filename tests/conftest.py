@@ -12,6 +12,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tiny models gain nothing from more threads; one each keeps parallel test processes from thrashing.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
@@ -75,7 +77,7 @@ def tiny_params(model_dir: Path, **overrides) -> dict:
     params["data"].update(source="data/raw/train.csv")
     params["model"]["name"] = str(model_dir)
     params["tokenize"]["max_length"] = 32
-    params["finetune"].update(learning_rate=3e-3, batch_size=16, epochs=2.0, eval_steps=5,
+    params["finetune"].update(learning_rate=5e-3, batch_size=16, epochs=2.0, eval_steps=5,
                               early_stopping_patience=50, warmup_ratio=0.0)
     for key, value in overrides.items():
         node = params

@@ -1,0 +1,217 @@
+"""tokenize, augment, finetune (with resume), evaluate and export, in-process on tiny data and a tiny BERT."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datasets
+import mlflow
+import numpy as np
+import pytest
+from transformers import TrainerCallback
+
+from stages import augment, evaluate, export, finetune, prepare, tokenize
+from stages.augment import augment_ids
+from stages.errors import UserError
+from stages.files import read_json
+from stages.params import load_params
+
+
+def run_front(root: Path) -> datasets.DatasetDict:
+    prepare.main()
+    tokenize.main()
+    augment.main()
+    return datasets.load_from_disk(str(root / "data/augmented"))
+
+
+def test_tokenize_truncates_without_padding(project):
+    root = project(**{"tokenize.max_length": 12})
+    prepare.main()
+    tokenize.main()
+    dsd = datasets.load_from_disk(str(root / "data/tokenized"))
+    lengths = [len(x) for x in dsd["train"]["input_ids"]]
+    assert max(lengths) <= 12 and len(set(lengths)) > 1  # truncated, and no padding to a common length
+    assert dsd["train"]["length"] == lengths
+    report = read_json(root / "reports/tokenize.json")
+    assert 0 < report["splits"]["train"]["truncation_rate"] <= 1
+
+
+@pytest.mark.parametrize("method", ["token_mask", "random_deletion", "span_cutoff"])
+def test_augment_methods_preserve_labels_and_specials(method):
+    rng = np.random.default_rng(0)
+    ids = [101] + list(range(1000, 1020)) + [102]
+    out = augment_ids(ids, method, 0.3, rng, special={101, 102}, mask_id=103)
+    assert out[0] == 101 and out[-1] == 102
+    assert out != ids
+    if method == "token_mask":
+        assert len(out) == len(ids) and 103 in out
+    else:
+        assert len(out) < len(ids) and all(t in ids for t in out)
+
+
+def test_augment_stage_touches_train_only_and_is_reproducible(project):
+    root = project(**{"augment.method": "random_deletion", "augment.ratio": 0.5})
+    dsd = run_front(root)
+    tok = datasets.load_from_disk(str(root / "data/tokenized"))
+    n = len(tok["train"])
+    assert len(dsd["train"]) == n + round(0.5 * n)
+    for split in ("validation", "test"):
+        assert dsd[split]["input_ids"] == tok[split]["input_ids"]
+    added = dsd["train"].select(range(n, len(dsd["train"])))
+    assert all(len(i) == len(m) == length for i, m, length in zip(added["input_ids"], added["attention_mask"],
+                                                                   added["length"], strict=True))
+    assert read_json(root / "reports/augment.json")["added"] == round(0.5 * n)
+    first = dsd["train"]["input_ids"]
+    augment.main()
+    assert datasets.load_from_disk(str(root / "data/augmented"))["train"]["input_ids"] == first
+
+
+def test_token_mask_needs_a_mask_token(project, tiny_model_dir, tmp_path):
+    root = project(**{"augment.method": "token_mask", "augment.ratio": 1.0})
+    prepare.main()
+    tokenize.main()
+    augment.main()
+    assert read_json(root / "reports/augment.json")["added"] > 0
+
+
+class StopAfter(TrainerCallback):
+    """Simulates a kill right after a checkpoint was written."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            raise KeyboardInterrupt("simulated kill")
+
+
+def test_finetune_resumes_after_interruption(project, monkeypatch):
+    root = project(**{"finetune.epochs": 3.0})
+    run_front(root)
+    real_build = finetune.build_trainer
+
+    def interrupted(*args, **kwargs):
+        trainer = real_build(*args, **kwargs)
+        trainer.add_callback(StopAfter(10))
+        return trainer
+
+    monkeypatch.setattr(finetune, "build_trainer", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.main()
+    state = read_json(root / "models/checkpoints/state.json")
+    assert state["status"] == "running"
+    assert (root / "models/checkpoints/checkpoint-10").is_dir()
+    assert not (root / "models/model").exists()
+
+    monkeypatch.setattr(finetune, "build_trainer", real_build)
+    finetune.main()
+    summary = read_json(root / "reports/train.json")
+    assert summary["resumed_from"] == "checkpoint-10"
+    info = read_json(root / "models/model/training_info.json")
+    assert info["run_id"] == state["run_id"]  # the same MLflow run carries on
+    total = summary["global_step"]
+    assert total == 3 * -(-len(datasets.load_from_disk("data/augmented")["train"]) // 16)
+    steps = [r.split(",")[0] for r in (root / "reports/plots/train_loss.csv").read_text().splitlines()[1:]]
+    assert steps[0] == "1" and int(steps[-1]) >= 10  # the curve spans both sessions
+    assert read_json(root / "models/checkpoints/state.json")["status"] == "complete"
+    assert not list((root / "models/checkpoints").glob("checkpoint-*"))
+
+
+def test_finetune_evaluate_export_register(project):
+    root = project(n_rows=240, **{"finetune.epochs": 5.0})
+    run_front(root)
+    finetune.main()
+    assert (root / "models/model/model.safetensors").is_file()
+    assert not list((root / "models/model").glob("*.bin"))
+    summary = read_json(root / "reports/train.json")
+    assert summary["best_val_macro_f1"] > 0.6  # keywords carry the label: even a tiny model learns them
+    val = (root / "reports/plots/validation.csv").read_text().splitlines()
+    assert val[0] == "step,macro_f1" and len(val) > 2
+
+    evaluate.main()
+    metrics = read_json(root / "reports/metrics.json")
+    assert 0 <= metrics["accuracy"] <= 1 and 0 <= metrics["macro_f1"] <= 1
+    assert metrics["n_test"] == 24 and sum(c["support"] for c in metrics["per_class"].values()) == 24
+    assert set(metrics["per_class"]) == {"negative", "neutral", "positive"}
+    assert (root / "reports/plots/confusion_matrix.png").stat().st_size > 1000
+    assert len((root / "reports/plots/confusion.csv").read_text().splitlines()) == 25
+    assert "macro avg" in (root / "reports/classification_report.txt").read_text()
+
+    export.main()
+    report = read_json(root / "reports/export.json")
+    assert report["fp32_max_abs_logit_diff"] <= 1e-3
+    assert report["fp32_label_agreement"] == 1.0
+    assert 0.5 <= report["int8_label_agreement"] <= 1.0
+    assert (root / "models/onnx/model.onnx").is_file() and (root / "models/onnx/model.int8.onnx").is_file()
+
+    p = load_params()
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
+    version = client.get_model_version(p.tracking.model_name, str(report["registered"]["version"]))
+    assert version.tags["test_data_hash"] == read_json(root / "data/prepared/meta.json")["hashes"]["test"]
+    assert float(version.tags["metric.macro_f1"]) == pytest.approx(metrics["macro_f1"])
+    assert json.loads(version.tags["params"])["finetune"]["batch_size"] == 16
+    run = client.get_run(version.run_id)
+    assert run.data.metrics["test_macro_f1"] == pytest.approx(metrics["macro_f1"])
+    assert "val_macro_f1" in run.data.metrics and "train_loss" in run.data.metrics
+    assert len(client.get_metric_history(run.info.run_id, "test_macro_f1")) == 1  # no metric logged twice
+
+    # The registered pyfunc takes raw text and agrees with the local export.
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{p.tracking.model_name}/{version.version}")
+    out = pyfunc.predict(["great love the flight", "awful hate it"])
+    from stages.pyfunc_model import TextPredictor
+
+    local = TextPredictor(root / "models/onnx").predict(["great love the flight", "awful hate it"])
+    assert list(out["label"]) == [r["label"] for r in local]
+    assert all(abs(sum(r.values()) - 1) < 1e-5 for r in out["probabilities"])
+
+
+def test_export_refuses_parity_beyond_tolerance(project):
+    root = project(**{"export.parity_tolerance": 1e-12})
+    run_front(root)
+    finetune.main()
+    evaluate.main()
+    with pytest.raises(UserError, match="export.parity_tolerance"):
+        export.main()
+    assert not (root / "models/onnx").exists()
+
+
+def test_lora_finetune_exports_a_plain_model(project):
+    root = project(**{"finetune.peft": "lora", "finetune.epochs": 1.0})
+    run_front(root)
+    finetune.main()
+    saved = json.loads((root / "models/model/config.json").read_text())
+    assert saved["architectures"] == ["BertForSequenceClassification"]  # adapters merged, no peft needed later
+    assert not (root / "models/model/adapter_config.json").exists()
+    evaluate.main()
+    assert 0 <= read_json(root / "reports/metrics.json")["macro_f1"] <= 1
+
+
+def test_same_params_and_seed_give_the_same_metrics(project):
+    root = project(**{"finetune.epochs": 1.0})
+    run_front(root)
+    finetune.main()
+    first = (root / "reports/plots/train_loss.csv").read_text(), read_json(root / "reports/train.json")
+    import shutil
+
+    shutil.rmtree(root / "models")
+    finetune.main()
+    second = (root / "reports/plots/train_loss.csv").read_text(), read_json(root / "reports/train.json")
+    assert first[0] == second[0]
+    assert first[1]["best_val_macro_f1"] == second[1]["best_val_macro_f1"]
+
+
+def test_hf_source_path_loads_a_local_dataset_folder(project):
+    """hf:NAME goes through datasets.load_dataset; a local folder exercises the same call offline."""
+    from stages.params import parse_params
+    from stages.prepare import prepare_classification
+    from tests.conftest import synthetic_rows, write_csv
+
+    root = project()
+    rows = synthetic_rows(200)
+    write_csv(root / "hub/train.csv", rows[:150])
+    write_csv(root / "hub/test.csv", rows[150:])
+    splits, report = prepare_classification(parse_params({"data": {"source": f"hf:{root / 'hub'}"}}))
+    assert len(splits["test"]) == 50  # the source's own test split is kept
+    assert len(splits["train"]) + len(splits["validation"]) == 150
