@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from stages.errors import UserError
 
@@ -83,10 +83,12 @@ class TrackingParams(_Section):
 class SweepParams(_Section):
     study: str = Field(default="tunepipe-sweep", min_length=1)
     storage: str | None = None  # None = sqlite file in the project
-    trials: int = Field(default=20, gt=0)
-    timeout: float | None = Field(default=None, gt=0)
+    trials: int = Field(default=20, gt=0)  # finished (complete + pruned) trials the study ends with
+    timeout: float | None = Field(default=None, gt=0)  # seconds per invocation
     sampler: Literal["tpe", "random"] = "tpe"
     pruner: Literal["median", "hyperband", "none"] = "median"
+    pruner_startup_trials: int = Field(default=5, ge=0)  # median: complete trials before any pruning
+    heartbeat_interval: int = Field(default=30, ge=1)  # a trial silent for 2x this is failed and retried
     seed: int = 0
     learning_rate: tuple[float, float] = (1e-5, 1e-4)
     batch_size: tuple[int, ...] = (16, 32)
@@ -95,8 +97,8 @@ class SweepParams(_Section):
     @field_validator("learning_rate")
     @classmethod
     def _lr_range(cls, v: tuple[float, float]) -> tuple[float, float]:
-        if not 0 < v[0] < v[1]:
-            raise ValueError(f"range must be [low, high] with 0 < low < high, got {list(v)}")
+        if not 0 < v[0] < v[1] < 1:
+            raise ValueError(f"range must be [low, high] with 0 < low < high < 1, got {list(v)}")
         return v
 
     @field_validator("dropout")
@@ -109,18 +111,33 @@ class SweepParams(_Section):
     @field_validator("batch_size")
     @classmethod
     def _batch_choices(cls, v: tuple[int, ...]) -> tuple[int, ...]:
-        if not v or any(b < 1 for b in v):
-            raise ValueError(f"choices must be a non-empty list of positive integers, got {list(v)}")
+        if not v or any(not 1 <= b <= 4096 for b in v) or len(set(v)) != len(v):
+            raise ValueError(f"choices must be a non-empty list of distinct integers in [1, 4096], got {list(v)}")
         return v
 
 
 class PromoteParams(_Section):
-    metric: str = "macro_f1"
+    metric: str = "macro_f1"  # a test metric tagged on registered versions (metric.<name>); higher is better
     min_delta: float = Field(default=0.005, ge=0)
     min_metric: float = Field(default=0.0, ge=0)
     significance: float | None = Field(default=None, gt=0, lt=1)
     test: Literal["bootstrap", "mcnemar"] = "bootstrap"
     bootstrap_samples: int = Field(default=1000, ge=100)
+
+    @field_validator("metric")
+    @classmethod
+    def _metric_is_a_score(cls, v: str) -> str:
+        if v in ("n_test", "test_data_hash"):
+            raise ValueError(f"{v!r} is not a score; use e.g. macro_f1, accuracy, weighted_f1 (ner: f1)")
+        return v
+
+    @model_validator(mode="after")
+    def _significance_reachable(self) -> PromoteParams:
+        # The bootstrap p-value is at least 1/(samples+1): a stricter level could never pass.
+        if self.significance and self.test == "bootstrap" and self.significance * (self.bootstrap_samples + 1) <= 1:
+            raise ValueError(f"significance {self.significance:g} is below the smallest bootstrap p-value "
+                             f"1/({self.bootstrap_samples}+1); raise promote.bootstrap_samples")
+        return self
 
 
 class Params(_Section):

@@ -41,6 +41,7 @@ def truncation_stats(ds: datasets.Dataset, max_length: int) -> dict:
 
 
 def main() -> None:
+    datasets.disable_progress_bars()  # per-batch bars drown the stage's one-line summary in DVC's log
     p = load_params()
     if p.task == "ner":
         from stages.ner_data import tokenize_ner
