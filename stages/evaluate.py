@@ -52,7 +52,16 @@ def predict_logits(model_dir: Path, ds: datasets.Dataset, batch_size: int = 64) 
     args = TrainingArguments(output_dir="/tmp/tunepipe-eval", per_device_eval_batch_size=batch_size,
                              report_to="none", disable_tqdm=True, dataloader_pin_memory=False)
     trainer = Trainer(model=model, args=args, processing_class=tok, data_collator=DataCollatorWithPadding(tok))
-    return trainer.predict(ds.remove_columns([c for c in ("length",) if c in ds.column_names])).predictions
+    # Predict in order of length (little padding per batch), then put rows back in test-split order.
+    order = np.argsort(np.asarray(ds["length"]), kind="stable") if "length" in ds.column_names else None
+    if order is not None:
+        ds = ds.select(order.tolist()).remove_columns("length")
+    logits = trainer.predict(ds).predictions
+    if order is None:
+        return logits
+    restored = np.empty_like(logits)
+    restored[order] = logits
+    return restored
 
 
 def main() -> None:
@@ -92,7 +101,7 @@ def main() -> None:
     client = mlflow.MlflowClient()
     now = int(time.time() * 1000)
     flat = {f"test_{k}": v for k, v in metrics.items() if isinstance(v, int | float)}
-    for lab, row in metrics.get("per_class", {}).items():
+    for lab, row in metrics.get("per_class", metrics.get("per_type", {})).items():  # per_type: NER
         flat[f"test_f1_{lab}"] = row["f1"]
     client.log_batch(info["run_id"], metrics=[mlflow.entities.Metric(k, float(v), now, 0) for k, v in flat.items()])
     client.log_artifact(info["run_id"], str(REPORTS / "metrics.json"), "evaluation")
