@@ -37,7 +37,8 @@ def classification_metrics(eval_pred) -> dict[str, float]:
             "macro_f1": float(f1_score(labels, preds, average="macro"))}
 
 
-def training_arguments(p: Params, output_dir: str, precision: str) -> TrainingArguments:
+def training_arguments(p: Params, output_dir: str, precision: str, save_checkpoints: bool = True) -> TrainingArguments:
+    """save_checkpoints=False (sweep trials): no checkpoint writes; best_metric and early stopping still work."""
     ft = p.finetune
     return TrainingArguments(
         output_dir=output_dir,
@@ -52,10 +53,10 @@ def training_arguments(p: Params, output_dir: str, precision: str) -> TrainingAr
         max_grad_norm=ft.max_grad_norm,
         eval_strategy="steps",
         eval_steps=ft.eval_steps,
-        save_strategy="steps",
+        save_strategy="steps" if save_checkpoints else "no",
         save_steps=ft.eval_steps,
         save_total_limit=2,  # the best checkpoint is always kept on top of these
-        load_best_model_at_end=True,
+        load_best_model_at_end=save_checkpoints,
         metric_for_best_model=headline_metric(p.task),
         greater_is_better=True,
         logging_steps=max(1, ft.eval_steps // 4),
@@ -75,7 +76,7 @@ def training_arguments(p: Params, output_dir: str, precision: str) -> TrainingAr
 
 
 def build_trainer(p: Params, dsd: datasets.DatasetDict, labels: list[str], output_dir: str,
-                  callbacks: list[TrainerCallback] = ()) -> Trainer:
+                  callbacks: list[TrainerCallback] = (), save_checkpoints: bool = True) -> Trainer:
     transformers.set_seed(p.finetune.seed)  # the fresh head's init depends on it too
     tokenizer = load_tokenizer(p.model.name)
     model = build_model(p.model.name, labels, p.finetune, task=p.task)
@@ -92,7 +93,7 @@ def build_trainer(p: Params, dsd: datasets.DatasetDict, labels: list[str], outpu
         compute = classification_metrics
     return Trainer(
         model=model,
-        args=training_arguments(p, output_dir, precision),
+        args=training_arguments(p, output_dir, precision, save_checkpoints),
         train_dataset=dsd["train"],
         eval_dataset=dsd["validation"],
         processing_class=tokenizer,
