@@ -80,6 +80,7 @@ def augment_train(train: datasets.Dataset, a: AugmentParams, special: set[int], 
 
 def main() -> None:
     datasets.disable_progress_bars()  # per-batch bars drown the stage's one-line summary in DVC's log
+    datasets.disable_caching()  # cache files would land inside upstream outputs and dirty them for DVC
     p = load_params()
     dsd = datasets.load_from_disk(str(IN_DIR))
     if p.task == "ner":

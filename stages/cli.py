@@ -72,22 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per text")
     p.set_defaults(func=cmd_predict)
 
-    for module in _subcommand_modules():
+    from stages import registry, sweep
+
+    for module in (sweep, registry):
         module.add_parser(sub)
     return parser
-
-
-def _subcommand_modules() -> list:
-    import importlib
-
-    mods = []
-    for name in ("stages.sweep", "stages.registry"):
-        try:
-            mods.append(importlib.import_module(name))
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-    return mods
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -65,6 +65,7 @@ def predict_logits(model_dir: Path, ds: datasets.Dataset, batch_size: int = 64) 
 
 
 def main() -> None:
+    datasets.disable_caching()  # cache files would land inside upstream outputs and dirty them for DVC
     p = load_params()
     info = read_json(MODEL_DIR / "training_info.json")
     test = datasets.load_from_disk(str(DATA_DIR))["test"]

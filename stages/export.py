@@ -134,6 +134,7 @@ def register(p, run_id: str, onnx_dir: Path, info: dict, metrics: dict, parity_r
 
 
 def main() -> None:
+    datasets.disable_caching()  # cache files would land inside upstream outputs and dirty them for DVC
     p = load_params()
     from transformers import (
         AutoModelForSequenceClassification,

@@ -75,6 +75,7 @@ def start_run(p: Params, run_id: str | None, meta: dict, fp: str) -> str:
 
 
 def main() -> None:
+    datasets.disable_caching()  # cache files would land inside upstream outputs and dirty them for DVC
     p = load_params()
     meta = read_json(META)
     labels = meta["labels"]

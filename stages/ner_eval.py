@@ -1,10 +1,111 @@
-"""Token classification (NER) support: being built (issue 5)."""
+"""NER evaluation on the test split: word-level predictions, seqeval entity metrics, an entity confusion view.
 
-from stages.errors import UserError
+Every test word is scored: a word cut off by truncation (or one the tokenizer drops) is predicted O, so the
+metrics never silently skip part of the test set.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+from seqeval.scheme import Entities
+
+from stages.files import write_text
+from stages.ner_metrics import entity_scores, per_type, seqeval_scheme, text_report
+from stages.plots import plot_confusion
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
-def _not_yet(*_args, **_kwargs):
-    raise UserError("task: ner is not available yet in this version; use task: classification")
+def first_subtoken_positions(word_ids: list[int], n_words: int) -> list[int | None]:
+    """Position of each word's first sub-token (None for words without one)."""
+    pos: list[int | None] = [None] * n_words
+    for i, w in enumerate(word_ids):
+        if w >= 0 and pos[w] is None:
+            pos[w] = i
+    return pos
 
 
-prepare_ner = tokenize_ner = augment_ner = ner_metrics = evaluate_ner = _not_yet
+def predict_words(model, tokenizer, ds: datasets.Dataset, labels: list[str], batch_size: int = 64
+                  ) -> list[list[str]]:
+    """Each word's tag from its first sub-token's argmax (O where the word has no sub-token)."""
+    order = np.argsort(ds["length"], kind="stable")  # similar lengths per batch: little padding
+    inputs = [k for k in MODEL_INPUTS if k in ds.column_names]
+    out: list[list[str]] = [[] for _ in range(len(ds))]
+    with torch.inference_mode():
+        for start in range(0, len(ds), batch_size):
+            idx = order[start:start + batch_size].tolist()
+            rows = ds.select(idx)
+            batch = tokenizer.pad({k: rows[k] for k in inputs}, return_tensors="pt")
+            pred = model(**batch).logits.argmax(-1).numpy()
+            for j, (i, word_ids, n) in enumerate(zip(idx, rows["word_ids"], map(len, rows["tokens"]), strict=True)):
+                out[i] = ["O" if p is None else labels[pred[j, p]] for p in first_subtoken_positions(word_ids, n)]
+    return out
+
+
+def entity_confusion(y_true: list[list[str]], y_pred: list[list[str]], labels: list[str]) -> list[tuple[str, str]]:
+    """(actual, predicted) per entity: a gold entity against the type of the predicted entity with the same span
+    (O if none); a predicted entity matching no gold span counts as (O, its type)."""
+    scheme = seqeval_scheme(labels)
+    gold = {(e.sent_id, e.start, e.end): e.tag for sent in Entities(y_true, scheme).entities for e in sent}
+    pred = {(e.sent_id, e.start, e.end): e.tag for sent in Entities(y_pred, scheme).entities for e in sent}
+    pairs = [(tag, pred.get(span, "O")) for span, tag in sorted(gold.items())]
+    pairs += [("O", tag) for span, tag in sorted(pred.items()) if span not in gold]
+    return pairs
+
+
+def confusion_matrix(pairs: list[tuple[str, str]], names: list[str]) -> list[list[int]]:
+    index = {n: i for i, n in enumerate(names)}
+    matrix = [[0] * len(names) for _ in names]
+    for actual, predicted in pairs:
+        matrix[index[actual]][index[predicted]] += 1
+    return matrix
+
+
+def predictions_csv(tokens: list[list[str]], y_true: list[list[str]], y_pred: list[list[str]], labels: list[str]
+                    ) -> str:
+    """One row per test sentence: label/prediction are space-joined tags (equal = fully right), plus the
+    sentence's gold, predicted and correct entity counts, from which a paired test can resample entity F1."""
+    scheme = seqeval_scheme(labels)
+    gold = [set(sent) for sent in Entities(y_true, scheme).entities]
+    pred = [set(sent) for sent in Entities(y_pred, scheme).entities]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["id", "label", "prediction", "correct", "gold_entities", "pred_entities", "correct_entities",
+                "text"])
+    for i, (toks, t, p) in enumerate(zip(tokens, y_true, y_pred, strict=True)):
+        w.writerow([i, " ".join(t), " ".join(p), int(t == p), len(gold[i]), len(pred[i]), len(gold[i] & pred[i]),
+                    " ".join(toks)])
+    return buf.getvalue()
+
+
+def evaluate_ner(model_dir: Path, test: datasets.Dataset, labels: list[str], reports: Path
+                 ) -> tuple[dict, list[Path]]:
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+    model = AutoModelForTokenClassification.from_pretrained(model_dir, trust_remote_code=False).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    names = test.features["tags"].feature.names
+    y_true = [[names[i] for i in row] for row in test["tags"]]
+    y_pred = predict_words(model, tokenizer, test, labels)
+    tokens = [list(t) for t in test["tokens"]]
+
+    metrics = {**entity_scores(y_true, y_pred, labels), "n_test": len(y_true),
+               "n_entities": sum(len(e) for e in Entities(y_true, seqeval_scheme(labels)).entities),
+               "scheme": seqeval_scheme(labels).__name__, "per_type": per_type(y_true, y_pred, labels)}
+    types = sorted({lab[2:] for lab in labels if lab != "O"})
+    pairs = entity_confusion(y_true, y_pred, labels)
+    plots = reports / "plots"
+    write_text(reports / "classification_report.txt", text_report(y_true, y_pred, labels))
+    write_text(reports / "predictions.csv", predictions_csv(tokens, y_true, y_pred, labels))
+    write_text(plots / "confusion.csv", "actual,predicted\n" + "".join(f"{a},{p}\n" for a, p in pairs))
+    plot_confusion(confusion_matrix(pairs, [*types, "O"]), [*types, "O"], plots / "confusion_matrix.png",
+                   title="entity confusion (O = missed / spurious)")
+    print(text_report(y_true, y_pred, labels))
+    return metrics, [reports / "classification_report.txt", reports / "predictions.csv",
+                     plots / "confusion_matrix.png"]

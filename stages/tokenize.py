@@ -42,6 +42,7 @@ def truncation_stats(ds: datasets.Dataset, max_length: int) -> dict:
 
 def main() -> None:
     datasets.disable_progress_bars()  # per-batch bars drown the stage's one-line summary in DVC's log
+    datasets.disable_caching()  # cache files would land inside upstream outputs and dirty them for DVC
     p = load_params()
     if p.task == "ner":
         from stages.ner_data import tokenize_ner

@@ -108,3 +108,11 @@ def copy_repo(dest: Path) -> Path:
                                     "augmented", "model", "checkpoints", "onnx", "optuna.db", "tmp")
     shutil.copytree(REPO, dest, ignore=ignore, dirs_exist_ok=True)
     return dest
+
+
+@pytest.fixture(autouse=True)
+def _fresh_tracking_env(monkeypatch):
+    """mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI: keep one test's store from leaking into the next."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    yield
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
