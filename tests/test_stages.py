@@ -215,3 +215,18 @@ def test_hf_source_path_loads_a_local_dataset_folder(project):
     splits, report = prepare_classification(parse_params({"data": {"source": f"hf:{root / 'hub'}"}}))
     assert len(splits["test"]) == 50  # the source's own test split is kept
     assert len(splits["train"]) + len(splits["validation"]) == 150
+
+
+def test_real_embedded_model_trains_and_exports_with_parity(project):
+    """The shipped all-MiniLM-L6-v2 (not the tiny stand-in): a few steps, then ONNX parity on the test split."""
+    root = project(n_rows=90, **{"model.name": "builtin:minilm-l6", "finetune.max_steps": 4,
+                                 "finetune.eval_steps": 4, "finetune.learning_rate": 5e-5, "finetune.batch_size": 8})
+    run_front(root)
+    finetune.main()
+    config = json.loads((root / "models/model/config.json").read_text())
+    assert config["hidden_size"] == 384 and config["num_hidden_layers"] == 6
+    assert read_json(root / "reports/train.json")["global_step"] == 4
+    evaluate.main()
+    export.main()
+    report = read_json(root / "reports/export.json")
+    assert report["fp32_max_abs_logit_diff"] <= 1e-3 and report["fp32_label_agreement"] == 1.0
