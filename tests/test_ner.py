@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,7 +22,7 @@ from stages.ner_eval import entity_confusion
 from stages.ner_metrics import entity_scores, ner_metrics, per_type
 from stages.params import parse_params
 from stages.pyfunc_model import split_words, tag_spans
-from tests.conftest import REPO, copy_repo, tiny_params
+from tests.conftest import REPO, copy_repo, sh, tiny_params
 
 SHARED_CONLL = REPO.parent / "shared/data/conll2003"
 
@@ -414,14 +412,6 @@ def test_split_words_cuts_like_conll():
 
 
 # --- end to end ----------------------------------------------------------------------------------------------
-
-def sh(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    assert res.returncode == 0, f"{' '.join(cmd)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
-    return res
-
 
 @pytest.fixture(scope="module")
 def ner_repo(tmp_path_factory, tiny_model_dir):
