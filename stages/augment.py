@@ -17,6 +17,7 @@ from stages.errors import UserError, run_main
 from stages.files import atomic_dir, write_json
 from stages.modeling import load_tokenizer
 from stages.params import AugmentParams, load_params
+from stages.progress import say
 
 IN_DIR = Path("data/tokenized")
 OUT_DIR = Path("data/augmented")
@@ -99,7 +100,7 @@ def main() -> None:
     report = {"method": p.augment.method, "ratio": p.augment.ratio, "train_before": len(dsd["train"]),
               "added": len(train) - len(dsd["train"]), "train_after": len(train)}
     write_json(REPORT, report)
-    print(f"augment: {report['method']} added {report['added']} train examples ({report['train_after']} total)")
+    say(f"augment: {report['method']} added {report['added']} train examples ({report['train_after']} total)")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,9 @@ class UserError(Exception):
 
 def run_main(main: Callable[[], object]) -> None:
     """Run a stage or CLI entry point, turning UserError into `error: ...` on stderr and exit 2."""
+    from stages.progress import quiet_libraries
+
+    quiet_libraries()
     try:
         main()
     except UserError as exc:

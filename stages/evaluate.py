@@ -15,6 +15,8 @@ from stages.errors import run_main
 from stages.files import read_json, write_json, write_text
 from stages.params import load_params
 from stages.plots import plot_confusion
+from stages.progress import say
+from stages.training import TrainerProgress
 
 MODEL_DIR = Path("models/model")
 DATA_DIR = Path("data/tokenized")
@@ -43,6 +45,7 @@ def predict_logits(model_dir: Path, ds: datasets.Dataset, batch_size: int = 64) 
         AutoModelForSequenceClassification,
         AutoTokenizer,
         DataCollatorWithPadding,
+        PrinterCallback,
         Trainer,
         TrainingArguments,
     )
@@ -51,7 +54,9 @@ def predict_logits(model_dir: Path, ds: datasets.Dataset, batch_size: int = 64) 
     tok = AutoTokenizer.from_pretrained(model_dir)
     args = TrainingArguments(output_dir="/tmp/tunepipe-eval", per_device_eval_batch_size=batch_size,
                              report_to="none", disable_tqdm=True, dataloader_pin_memory=False)
-    trainer = Trainer(model=model, args=args, processing_class=tok, data_collator=DataCollatorWithPadding(tok))
+    trainer = Trainer(model=model, args=args, processing_class=tok, data_collator=DataCollatorWithPadding(tok),
+                      callbacks=[TrainerProgress()])
+    trainer.remove_callback(PrinterCallback)
     # Predict in order of length (little padding per batch), then put rows back in test-split order.
     order = np.argsort(np.asarray(ds["length"]), kind="stable") if "length" in ds.column_names else None
     if order is not None:
@@ -94,7 +99,6 @@ def main() -> None:
         plot_confusion(matrix.tolist(), labels, PLOTS / "confusion_matrix.png")
         artifacts = [REPORTS / "classification_report.txt", REPORTS / "predictions.csv",
                      PLOTS / "confusion_matrix.png"]
-        print(text_report)
     metrics["test_data_hash"] = info["test_data_hash"]
     write_json(REPORTS / "metrics.json", metrics)
 
@@ -109,8 +113,8 @@ def main() -> None:
     for path in artifacts:
         client.log_artifact(info["run_id"], str(path), "evaluation")
     headline = "f1" if p.task == "ner" else "macro_f1"
-    print(f"evaluate: test {headline} {metrics[headline]:.4f}, accuracy {metrics.get('accuracy', 0):.4f}, "
-          f"n_test {metrics['n_test']}")
+    say(f"evaluate: test {headline} {metrics[headline]:.4f}, accuracy {metrics.get('accuracy', 0):.4f}, "
+        f"n_test {metrics['n_test']} (per-class report: {REPORTS / 'classification_report.txt'})")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from stages import tracking
 from stages.errors import UserError, run_main
 from stages.files import atomic_dir, read_json, write_json
 from stages.params import load_params
+from stages.progress import Progress, say
 
 MODEL_DIR = Path("models/model")
 DATA_DIR = Path("data/tokenized")
@@ -76,7 +77,7 @@ def parity(model, sessions: dict, ds: datasets.Dataset, input_names: list[str], 
     correct = {k: 0 for k in ["torch", *sessions]}
     # One label per text only: NER's per-token labels are ragged lists, scored by evaluate instead.
     labels = np.asarray(ds["labels"]) if isinstance(ds.features.get("labels"), datasets.Value) else None
-    with torch.no_grad():
+    with torch.no_grad(), Progress("parity", len(ds), "texts") as bar:
         for b in batches(ds, input_names, pad_id):
             ref = model(**{k: torch.from_numpy(v) for k, v in b.items()}).logits.numpy()
             mask = b["attention_mask"].astype(bool) if ref.ndim == 3 else slice(None)  # tokens: skip padding
@@ -92,6 +93,7 @@ def parity(model, sessions: dict, ds: datasets.Dataset, input_names: list[str], 
                 if labels is not None and ref.ndim == 2:
                     correct[name] += int((out.argmax(-1) == labels[n:n + len(ref)]).sum())
             n += len(ref) if ref.ndim == 2 else 0
+            bar.update(len(ref))
             agree.setdefault("_total", 0)
             agree["_total"] += int(np.size(ref_lab))
     total = max(agree.pop("_total"), 1)
@@ -174,8 +176,8 @@ def main() -> None:
     report["registered"] = register(p, info["run_id"], OUT_DIR, info, metrics, report)
     write_json(REPORT, report)
     reg = report["registered"]
-    print(f"export: fp32 max |diff| {report['fp32_max_abs_logit_diff']:.2e}, int8 label agreement "
-          f"{report['int8_label_agreement']:.4f}; registered {reg['model_name']} version {reg['version']}")
+    say(f"export: fp32 max |diff| {report['fp32_max_abs_logit_diff']:.2e}, int8 label agreement "
+        f"{report['int8_label_agreement']:.4f}; registered {reg['model_name']} version {reg['version']}")
 
 
 if __name__ == "__main__":

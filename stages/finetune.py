@@ -21,6 +21,7 @@ from stages.files import atomic_dir, read_json, write_json
 from stages.modeling import device_name, merge_for_export, pick_precision
 from stages.params import Params, load_params
 from stages.plots import plot_curves
+from stages.progress import duration, say
 from stages.training import build_trainer, headline_metric, history_curves
 
 DATA_DIR = Path("data/augmented")
@@ -88,8 +89,9 @@ def main() -> None:
     CKPT_DIR.mkdir(parents=True, exist_ok=True)
     run_id = start_run(p, run_id, meta, fp)
     write_json(CKPT_DIR / "state.json", {"fingerprint": fp, "run_id": run_id, "status": "running"})
-    print(f"finetune: {device_name()}, precision {pick_precision(p.finetune.precision)}, MLflow run {run_id}"
-          + (f", resuming from {resume_from}" if resume_from else ""))
+    say(f"finetune: {device_name()}, precision {pick_precision(p.finetune.precision)} "
+        f"(finetune.precision: {p.finetune.precision}), MLflow run {run_id}"
+        + (f", resuming from {resume_from}" if resume_from else ""))
 
     trainer = build_trainer(p, dsd, labels, str(CKPT_DIR), [tracking.MlflowMetricsCallback(run_id)])
     result = trainer.train(resume_from_checkpoint=resume_from)
@@ -107,6 +109,7 @@ def main() -> None:
         "resumed_from": Path(resume_from).name if resume_from else None,
         "device": device_name(),
         "precision": pick_precision(p.finetune.precision),
+        "precision_requested": p.finetune.precision,
     }
     model = merge_for_export(trainer.model)
     with atomic_dir(MODEL_DIR) as tmp:
@@ -131,8 +134,9 @@ def main() -> None:
     for ckpt in CKPT_DIR.glob("checkpoint-*"):
         shutil.rmtree(ckpt, ignore_errors=True)
     write_json(CKPT_DIR / "state.json", {"fingerprint": fp, "run_id": run_id, "status": "complete"})
-    print(f"finetune: best validation {metric} {best:.4f} at step {summary['best_step']}, "
-          f"{summary['train_runtime_s']}s")
+    rate = f", {summary['train_tokens_per_s']:,.0f} real tokens/s" if summary["train_tokens_per_s"] else ""
+    say(f"finetune: best validation {metric} {best:.4f} at step {summary['best_step']}/{summary['global_step']}, "
+        f"trained in {duration(summary['train_runtime_s'])}{rate}")
 
 
 def _write_csv(path: Path, rows: list[dict], cols: list[str]) -> None:

@@ -84,22 +84,54 @@ def merge_for_export(model):
 
 
 def pick_precision(requested: str) -> str:
-    """'auto' -> bf16 where the hardware runs it fast (CUDA bf16, or CPU with AMX/avx512_bf16), else fp16 on
-    older GPUs, else fp32. A bf16 matmul on an AVX2-only CPU ran 60x slower than fp32: never assume."""
+    """'auto' -> bf16 where the hardware runs it fast (CUDA bf16, or a CPU with AMX or AVX-512 BF16), fp16 on
+    older GPUs, else fp32. A bf16 matmul on an AVX2-only CPU ran 60x slower than fp32: never assume.
+    An explicit bf16 always runs (slowly where the CPU lacks it); fp16 needs CUDA."""
     cuda = torch.cuda.is_available()
     if requested == "auto":
         if cuda:
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+        return "bf16" if cpu_has_fast_bf16() else "fp32"
     if requested == "fp16" and not cuda:
         raise UserError("finetune.precision: fp16 needs a CUDA GPU; use auto, bf16 or fp32 on CPU")
     return requested
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Native bf16 matmuls: x86 AMX or AVX-512 BF16, ARM's bf16 extension. oneDNN also 'supports' bf16 on plain
+    AVX-512 (Skylake) by emulation, which is no faster than fp32, so its own check is only the fallback."""
+    flags = cpu_flags()
+    if flags:
+        return bool(flags & {"amx_bf16", "avx512_bf16", "bf16"})
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (x86 `flags`, ARM `Features`); empty where unreadable."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
 def device_name() -> str:
     if torch.cuda.is_available():
         return f"cuda ({torch.cuda.get_device_name(0)})"
-    return f"cpu ({cpu_model()}, {torch.get_num_threads()} threads)"
+    return f"cpu ({cpu_model()}, {cpu_isa()}, {torch.get_num_threads()} threads)"
+
+
+def cpu_isa() -> str:
+    """The widest matrix instructions this CPU has: what decides bf16 vs fp32 speed (model names such as
+    "AMD EPYC" do not tell a Zen 2 from a Zen 4)."""
+    flags = cpu_flags()
+    for flag, name in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX-512 BF16"), ("avx512f", "AVX-512"),
+                       ("avx2", "AVX2"), ("bf16", "ARM bf16"), ("asimd", "ARM NEON")):
+        if flag in flags:
+            return name
+    return "unknown ISA"
 
 
 def cpu_model() -> str:

@@ -18,6 +18,7 @@ from seqeval.scheme import Entities
 from stages.files import write_text
 from stages.ner_metrics import entity_scores, per_type, seqeval_scheme, text_report
 from stages.plots import plot_confusion
+from stages.progress import Progress
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -37,7 +38,7 @@ def predict_words(model, tokenizer, ds: datasets.Dataset, labels: list[str], bat
     order = np.argsort(ds["length"], kind="stable")  # similar lengths per batch: little padding
     inputs = [k for k in MODEL_INPUTS if k in ds.column_names]
     out: list[list[str]] = [[] for _ in range(len(ds))]
-    with torch.inference_mode():
+    with torch.inference_mode(), Progress("predict", len(ds), "sentences") as bar:
         for start in range(0, len(ds), batch_size):
             idx = order[start:start + batch_size].tolist()
             rows = ds.select(idx)
@@ -45,6 +46,7 @@ def predict_words(model, tokenizer, ds: datasets.Dataset, labels: list[str], bat
             pred = model(**batch).logits.argmax(-1).numpy()
             for j, (i, word_ids, n) in enumerate(zip(idx, rows["word_ids"], map(len, rows["tokens"]), strict=True)):
                 out[i] = ["O" if p is None else labels[pred[j, p]] for p in first_subtoken_positions(word_ids, n)]
+            bar.update(len(idx))
     return out
 
 
@@ -106,6 +108,5 @@ def evaluate_ner(model_dir: Path, test: datasets.Dataset, labels: list[str], rep
     write_text(plots / "confusion.csv", "actual,predicted\n" + "".join(f"{a},{p}\n" for a, p in pairs))
     plot_confusion(confusion_matrix(pairs, [*types, "O"]), [*types, "O"], plots / "confusion_matrix.png",
                    title="entity confusion (O = missed / spurious)")
-    print(text_report(y_true, y_pred, labels))
     return metrics, [reports / "classification_report.txt", reports / "predictions.csv",
                      plots / "confusion_matrix.png"]

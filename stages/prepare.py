@@ -10,6 +10,7 @@ from stages import data
 from stages.errors import run_main
 from stages.files import atomic_dir, write_json
 from stages.params import Params, load_params
+from stages.progress import say
 
 OUT_DIR = Path("data/prepared")
 REPORT = Path("reports/data.json")
@@ -77,7 +78,7 @@ def main() -> None:
                                        "data_hash": report["data_hash"]})
     write_json(REPORT, report)
     sizes = ", ".join(f"{k}={v['rows']}" for k, v in report["splits"].items())
-    print(f"prepare: {sizes}; dropped {report['drops']}; labels {report['labels']}")
+    say(f"prepare: {sizes}; dropped {report['drops']}; labels {report['labels']}")
 
 
 if __name__ == "__main__":

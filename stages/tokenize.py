@@ -14,13 +14,15 @@ from stages.errors import run_main
 from stages.files import atomic_dir, read_json, write_json
 from stages.modeling import load_tokenizer
 from stages.params import load_params
+from stages.progress import Progress, say
 
 IN_DIR = Path("data/prepared")
 OUT_DIR = Path("data/tokenized")
 REPORT = Path("reports/tokenize.json")
 
 
-def tokenize_split(ds: datasets.Dataset, tokenizer, max_length: int, label2id: dict[str, int]) -> datasets.Dataset:
+def tokenize_split(ds: datasets.Dataset, tokenizer, max_length: int, label2id: dict[str, int],
+                   bar: Progress | None = None) -> datasets.Dataset:
     def encode(batch):
         enc = tokenizer(batch["text"], truncation=True, max_length=max_length)
         # Untruncated length, to report how much truncation cuts.
@@ -28,6 +30,8 @@ def tokenize_split(ds: datasets.Dataset, tokenizer, max_length: int, label2id: d
         enc["n_tokens"] = [len(ids) for ids in full]
         enc["length"] = [len(ids) for ids in enc["input_ids"]]  # for length-grouped batches
         enc["labels"] = [label2id[lab] for lab in batch["label"]]
+        if bar is not None:
+            bar.update(len(batch["text"]))
         return enc
 
     return ds.map(encode, batched=True, batch_size=1000, remove_columns=ds.column_names, desc="tokenize")
@@ -52,11 +56,13 @@ def main() -> None:
         meta = read_json(IN_DIR / "meta.json")
         label2id = {lab: i for i, lab in enumerate(meta["labels"])}
         tokenizer = load_tokenizer(p.model.name)
-        dsd = datasets.DatasetDict({
-            split: tokenize_split(datasets.Dataset.from_pandas(pd.read_parquet(IN_DIR / f"{split}.parquet")),
-                                  tokenizer, p.tokenize.max_length, label2id)
-            for split in ("train", "validation", "test")
-        })
+        frames = {split: pd.read_parquet(IN_DIR / f"{split}.parquet") for split in ("train", "validation", "test")}
+        with Progress("tokenize", sum(map(len, frames.values())), "texts") as bar:
+            dsd = datasets.DatasetDict({
+                split: tokenize_split(datasets.Dataset.from_pandas(df), tokenizer, p.tokenize.max_length, label2id,
+                                      bar)
+                for split, df in frames.items()
+            })
         report = {"max_length": p.tokenize.max_length,
                   "splits": {k: truncation_stats(v, p.tokenize.max_length) for k, v in dsd.items()}}
         dsd = dsd.remove_columns("n_tokens")
@@ -64,7 +70,7 @@ def main() -> None:
         dsd.save_to_disk(str(tmp))
     write_json(REPORT, report)
     rates = ", ".join(f"{k}={v['truncation_rate']:.2%}" for k, v in report["splits"].items())
-    print(f"tokenize: max_length={p.tokenize.max_length}, truncated {rates}")
+    say(f"tokenize: max_length={p.tokenize.max_length}, truncated {rates}")
 
 
 if __name__ == "__main__":

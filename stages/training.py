@@ -5,6 +5,8 @@ One function builds the Trainer from params, so a sweep trial trains exactly as 
 
 from __future__ import annotations
 
+import time
+
 import datasets
 import numpy as np
 import torch
@@ -13,6 +15,7 @@ from sklearn.metrics import accuracy_score, f1_score
 from transformers import (
     DataCollatorWithPadding,
     EarlyStoppingCallback,
+    PrinterCallback,
     Trainer,
     TrainerCallback,
     TrainingArguments,
@@ -20,9 +23,7 @@ from transformers import (
 
 from stages.modeling import build_model, load_tokenizer, pick_precision
 from stages.params import Params
-
-# Columns the model does not take; kept in the datasets for reports and length grouping.
-EXTRA_COLUMNS = ("length",)
+from stages.progress import Progress
 
 
 def headline_metric(task: str) -> str:
@@ -66,6 +67,8 @@ def training_arguments(p: Params, output_dir: str, precision: str, save_checkpoi
         include_num_input_tokens_seen="non_padding",
         bf16=precision == "bf16",
         fp16=precision == "fp16",
+        # Without a GPU, Trainer refuses bf16 unless told the CPU is meant (bf16 autocast on CPU is supported).
+        use_cpu=not torch.cuda.is_available(),
         seed=ft.seed,
         data_seed=ft.seed,
         report_to="none",
@@ -91,7 +94,7 @@ def build_trainer(p: Params, dsd: datasets.DatasetDict, labels: list[str], outpu
     else:
         collator = DataCollatorWithPadding(tokenizer)
         compute = classification_metrics
-    return Trainer(
+    trainer = Trainer(
         model=model,
         args=training_arguments(p, output_dir, precision, save_checkpoints),
         train_dataset=dsd["train"],
@@ -100,8 +103,10 @@ def build_trainer(p: Params, dsd: datasets.DatasetDict, labels: list[str], outpu
         data_collator=collator,
         compute_metrics=compute,
         callbacks=[EarlyStoppingCallback(early_stopping_patience=p.finetune.early_stopping_patience),
-                   *callbacks],
+                   TrainerProgress(headline_metric(p.task)), *callbacks],
     )
+    trainer.remove_callback(PrinterCallback)  # it prints every log as a Python dict
+    return trainer
 
 
 def history_curves(log_history: list[dict], metric: str) -> tuple[list[dict], list[dict]]:
@@ -109,3 +114,67 @@ def history_curves(log_history: list[dict], metric: str) -> tuple[list[dict], li
     loss = [{"step": h["step"], "loss": h["loss"]} for h in log_history if "loss" in h]
     val = [{"step": h["step"], metric: h[f"eval_{metric}"]} for h in log_history if f"eval_{metric}" in h]
     return loss, val
+
+
+class TrainerProgress(TrainerCallback):
+    """Training steps with rate, real tokens/s and ETA; one line per validation; no per-step dicts.
+
+    Replaces Trainer's PrinterCallback (which prints every log as a Python dict when tqdm is off)."""
+
+    def __init__(self, metric: str | None = None, label: str = "train"):
+        self.metric, self.label = metric, label
+        self.bar: Progress | None = None
+        self.eval_bar: Progress | None = None
+        self.loss: float | None = None
+        self.best: float | None = None
+        self.tokens0 = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.bar = Progress(self.label, state.max_steps, "steps", start=state.global_step)
+            self.tokens0 = state.num_input_tokens_seen or 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is None:
+            return
+        elapsed = max(time.monotonic() - self.bar.t0, 1e-9)
+        tokens = ((state.num_input_tokens_seen or 0) - self.tokens0) / elapsed
+        extra = (f", {tokens:,.0f} tokens/s" if tokens else "") + (f", loss {self.loss:.4f}" if self.loss else "")
+        self.bar.update(state.global_step - self.bar.n, extra=extra)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.loss = float(logs["loss"])
+
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        if self.eval_bar is None:
+            total = len(eval_dataloader) if eval_dataloader is not None else 1
+            self.eval_bar = Progress("  validation" if self.bar else "predict", total, "batches",
+                                     log=self.bar is None)
+        self.eval_bar.update(1)
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if self.eval_bar is not None:
+            self.eval_bar.close()
+            self.eval_bar = None
+        if self.bar is None or not metrics or not state.is_world_process_zero:
+            return
+        key = f"eval_{self.metric}" if self.metric and f"eval_{self.metric}" in metrics else None
+        value = f"{self.metric} {metrics[key]:.4f}" if key else ", ".join(
+            f"{k.removeprefix('eval_')} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+        best = ""
+        if key:  # Trainer updates state.best_metric only after this event
+            self.best = metrics[key] if self.best is None else max(self.best, metrics[key])
+            best = f" (best {self.best:.4f})"
+        self.bar.message(f"  step {state.global_step}/{state.max_steps}: validation {value}{best}")
+
+    def on_predict(self, args, state, control, metrics=None, **kwargs):
+        if self.eval_bar is not None:
+            self.eval_bar.close()
+            self.eval_bar = None
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()

@@ -22,7 +22,7 @@ from stages.ner_eval import entity_confusion
 from stages.ner_metrics import entity_scores, ner_metrics, per_type
 from stages.params import parse_params
 from stages.pyfunc_model import split_words, tag_spans
-from tests.conftest import REPO, copy_repo, sh, tiny_params
+from tests.conftest import REPO, clone_repo, commit_all, sh, tiny_params
 
 SHARED_CONLL = REPO.parent / "shared/data/conll2003"
 
@@ -416,16 +416,13 @@ def test_split_words_cuts_like_conll():
 @pytest.fixture(scope="module")
 def ner_repo(tmp_path_factory, tiny_model_dir):
     """`dvc repro` with task: ner on a tiny CoNLL sample, in a fresh copy of the repository."""
-    root = copy_repo(tmp_path_factory.mktemp("ner") / "repo")
+    root = clone_repo(tmp_path_factory.mktemp("ner") / "repo")
     write_tiny_dir(root, n_train=240, n_eval=30)
     params = tiny_params(tiny_model_dir, **{
         "task": "ner", "data.source": "data/raw/conll", "tracking.model_name": "tunepipe-ner",
         "augment.method": "entity_swap", "augment.ratio": 0.25, "finetune.epochs": 4.0, "finetune.eval_steps": 20})
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
-    sh(["git", "init", "-q"], root)
-    sh([*git, "add", "-A"], root)
-    sh([*git, "commit", "-qm", "init"], root)
+    commit_all(root)
     out = sh(["dvc", "repro"], root).stdout
     for stage in ("prepare", "tokenize", "augment", "finetune", "evaluate", "export"):
         assert f"Running stage '{stage}'" in out

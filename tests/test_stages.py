@@ -9,9 +9,10 @@ import datasets
 import mlflow
 import numpy as np
 import pytest
+import torch
 from transformers import TrainerCallback
 
-from stages import augment, evaluate, export, finetune, prepare, tokenize
+from stages import augment, evaluate, export, finetune, modeling, prepare, tokenize
 from stages.augment import augment_ids
 from stages.errors import UserError
 from stages.files import read_json
@@ -230,3 +231,51 @@ def test_real_embedded_model_trains_and_exports_with_parity(project):
     export.main()
     report = read_json(root / "reports/export.json")
     assert report["fp32_max_abs_logit_diff"] <= 1e-3 and report["fp32_label_agreement"] == 1.0
+
+
+@pytest.mark.parametrize(("requested", "fast_bf16", "expected"), [
+    ("fp32", True, torch.float32),
+    ("bf16", False, torch.bfloat16),  # a CPU without native bf16: slow, never broken
+    ("auto", True, torch.bfloat16),   # AMX / AVX-512 BF16
+    ("auto", False, torch.float32),   # AVX2 only
+])
+def test_every_precision_trains_on_cpu(project, monkeypatch, requested, fast_bf16, expected):
+    """Each precision path is forced, whatever CPU runs the suite: `auto` must not decide which one is tested."""
+    monkeypatch.setattr(modeling, "cpu_has_fast_bf16", lambda: fast_bf16)
+    root = project(**{"finetune.precision": requested, "finetune.epochs": 1.0, "finetune.eval_steps": 4})
+    run_front(root)
+    seen: set[torch.dtype] = set()
+    real_build = finetune.build_trainer
+
+    def build(*args, **kwargs):
+        trainer = real_build(*args, **kwargs)
+        trainer.model.classifier.register_forward_hook(lambda _m, _i, out: seen.add(out.dtype))
+        return trainer
+
+    monkeypatch.setattr(finetune, "build_trainer", build)
+    finetune.main()
+    assert seen == {expected}  # the classifier really ran in that precision, in training and validation
+    summary = read_json(root / "reports/train.json")
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+    assert summary["precision"] == names[expected] and summary["precision_requested"] == requested
+    assert summary["device"].startswith("cpu (") and 0 <= summary["best_val_macro_f1"] <= 1
+    saved = json.loads((root / "models/model/config.json").read_text())
+    assert saved.get("dtype", saved.get("torch_dtype", "float32")) == "float32"  # autocast: weights stay fp32
+    evaluate.main()
+    assert 0 <= read_json(root / "reports/metrics.json")["macro_f1"] <= 1
+
+
+@pytest.mark.parametrize(("flags", "fast"), [
+    ({"avx2", "fma"}, False),                          # AMD EPYC (Zen 2/3): bf16 matmul 60x slower than fp32
+    ({"avx2", "avx512f", "avx512bw"}, False),          # Skylake AVX-512: oneDNN emulates bf16, no gain
+    ({"avx2", "avx512f", "avx512_bf16"}, True),        # AMD EPYC Zen 4
+    ({"avx2", "avx512f", "amx_bf16", "amx_tile"}, True),  # Intel Xeon with AMX
+])
+def test_auto_precision_follows_the_cpu_flags(monkeypatch, flags, fast):
+    monkeypatch.setattr(modeling, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert modeling.cpu_has_fast_bf16() is fast
+    assert modeling.pick_precision("auto") == ("bf16" if fast else "fp32")
+    assert modeling.pick_precision("bf16") == "bf16" and modeling.pick_precision("fp32") == "fp32"
+    with pytest.raises(UserError, match="fp16 needs a CUDA GPU"):
+        modeling.pick_precision("fp16")

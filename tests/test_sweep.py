@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 from stages import sweep
 from stages.cli import main as cli
 from stages.params import load_params
-from tests.conftest import REPO, copy_repo, synthetic_rows, write_csv
+from tests.conftest import REPO, clone_repo, synthetic_rows, write_csv
 
 STUDY = "tunepipe-sweep"
 # Tiny trials: 120 train rows, 2 epochs, an evaluation every 2 steps.
@@ -276,7 +276,7 @@ def test_bad_input_exits_2_and_keeps_the_study(sweep_project, capsys):
 
 
 def test_apply_changes_exactly_the_tuned_keys(tmp_path, tiny_model_dir, monkeypatch):
-    root = copy_repo(tmp_path / "repo").resolve()
+    root = clone_repo(tmp_path / "repo").resolve()
     write_csv(root / "data/raw/train.csv", synthetic_rows(150))
     # The repository's own params.yaml text (comments, nulls, layout), pointed at the tiny model and data.
     text = (REPO / "params.yaml").read_text()
@@ -291,8 +291,7 @@ def test_apply_changes_exactly_the_tuned_keys(tmp_path, tiny_model_dir, monkeypa
         assert n == 1, pattern
     (root / "params.yaml").write_text(text)
     env = {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
-                ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init"]):
+    for cmd in (["git", "add", "-A"], ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init"]):
         subprocess.run(cmd, cwd=root, check=True, env={**os.environ, **env})
     monkeypatch.setenv("PATH", env["PATH"])
     monkeypatch.chdir(root)
