@@ -24,9 +24,17 @@ def repo(tmp_path, tiny_model_dir):
 
 
 def test_dvc_repro_end_to_end(repo):
-    out = sh(["dvc", "repro"], repo).stdout
+    res = sh(["dvc", "repro"], repo)
+    out = res.stdout
     for stage in ("prepare", "tokenize", "augment", "finetune", "evaluate", "export"):
         assert f"Running stage '{stage}'" in out
+    # A terminal a person can read: one summary per stage, no per-step dicts, no library chatter.
+    for summary in ("prepare: train=", "tokenize: max_length=", "finetune: best validation macro_f1",
+                    "evaluate: test macro_f1", "export: fp32 max |diff|"):
+        assert summary in out, summary
+    for noise in ("{'loss'", "{'eval_", "torchvision", "FutureWarning", "UserWarning", "LOAD REPORT",
+                  "Loading weights", "pre-processing before quantization", "Traceback"):
+        assert noise not in out + res.stderr, noise
 
     metrics = json.loads((repo / "reports/metrics.json").read_text())
     assert 0 <= metrics["accuracy"] <= 1 and 0 <= metrics["macro_f1"] <= 1 and metrics["n_test"] > 0

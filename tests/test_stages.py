@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from stages import augment, evaluate, export, finetune, modeling, prepare, tokenize
+from stages import augment, evaluate, export, finetune, modeling, prepare, progress, tokenize
 from stages.augment import augment_ids
 from stages.errors import UserError
 from stages.files import read_json
@@ -233,13 +233,16 @@ def test_real_embedded_model_trains_and_exports_with_parity(project):
     assert report["fp32_max_abs_logit_diff"] <= 1e-3 and report["fp32_label_agreement"] == 1.0
 
 
+PRECISION_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+
+
 @pytest.mark.parametrize(("requested", "fast_bf16", "expected"), [
     ("fp32", True, torch.float32),
     ("bf16", False, torch.bfloat16),  # a CPU without native bf16: slow, never broken
     ("auto", True, torch.bfloat16),   # AMX / AVX-512 BF16
     ("auto", False, torch.float32),   # AVX2 only
 ])
-def test_every_precision_trains_on_cpu(project, monkeypatch, requested, fast_bf16, expected):
+def test_every_precision_trains_on_cpu(project, monkeypatch, capsys, requested, fast_bf16, expected):
     """Each precision path is forced, whatever CPU runs the suite: `auto` must not decide which one is tested."""
     monkeypatch.setattr(modeling, "cpu_has_fast_bf16", lambda: fast_bf16)
     root = project(**{"finetune.precision": requested, "finetune.epochs": 1.0, "finetune.eval_steps": 4})
@@ -253,11 +256,16 @@ def test_every_precision_trains_on_cpu(project, monkeypatch, requested, fast_bf1
         return trainer
 
     monkeypatch.setattr(finetune, "build_trainer", build)
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)
+    capsys.readouterr()
     finetune.main()
     assert seen == {expected}  # the classifier really ran in that precision, in training and validation
+    out = capsys.readouterr().out
+    assert f"precision {PRECISION_NAME[expected]} (finetune.precision: {requested})" in out
+    assert "train: " in out and "steps/s" in out and ": validation macro_f1 " in out
+    assert "{'loss'" not in out and "{'eval_" not in out  # Trainer's per-step dicts stay out of the terminal
     summary = read_json(root / "reports/train.json")
-    names = {torch.float32: "fp32", torch.bfloat16: "bf16"}
-    assert summary["precision"] == names[expected] and summary["precision_requested"] == requested
+    assert summary["precision"] == PRECISION_NAME[expected] and summary["precision_requested"] == requested
     assert summary["device"].startswith("cpu (") and 0 <= summary["best_val_macro_f1"] <= 1
     saved = json.loads((root / "models/model/config.json").read_text())
     assert saved.get("dtype", saved.get("torch_dtype", "float32")) == "float32"  # autocast: weights stay fp32
