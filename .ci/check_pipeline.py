@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-STAGES = ("prepare", "tokenize", "augment", "finetune", "evaluate", "export")
 MIN_MACRO_F1 = 0.77
 
 
@@ -22,8 +21,12 @@ def fail(msg: str) -> None:
 
 
 def main(log_path: str) -> None:
+    import yaml
+
     log = Path(log_path).read_text()
-    missing = [s for s in STAGES if f"Running stage '{s}'" not in log]
+    stages = yaml.safe_load(Path("dvc.yaml").read_text())["stages"]
+    model_name = yaml.safe_load(Path("params.yaml").read_text())["tracking"]["model_name"]
+    missing = [s for s in stages if f"Running stage '{s}'" not in log]
     if missing:
         fail(f"stages that did not run: {missing}")
 
@@ -39,10 +42,10 @@ def main(log_path: str) -> None:
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{Path('mlflow.db').resolve()}")
-    versions = mlflow.MlflowClient().search_model_versions("name='tunepipe-classifier'")
+    versions = mlflow.MlflowClient().search_model_versions(f"name='{model_name}'")
     if not versions:
-        fail("the registry holds no version of tunepipe-classifier")
-    print(f"registry: tunepipe-classifier has {len(versions)} version(s)")
+        fail(f"the registry holds no version of {model_name}")
+    print(f"registry: {model_name} has {len(versions)} version(s)")
 
     untracked = [line for line in subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"],
                                                  capture_output=True, text=True, check=True).stdout.splitlines()

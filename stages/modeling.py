@@ -107,14 +107,8 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def cpu_flags() -> set[str]:
-    """The CPU's feature flags from /proc/cpuinfo (x86 `flags`, ARM `Features`); empty where unreadable."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+    """The CPU's feature flags (x86 `flags`, ARM `Features`); empty where /proc/cpuinfo is unreadable."""
+    return set((_cpuinfo("flags", "Features") or "").split())
 
 
 def device_name() -> str:
@@ -135,12 +129,17 @@ def cpu_isa() -> str:
 
 
 def cpu_model() -> str:
+    import platform
+
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
+
+
+def _cpuinfo(*keys: str) -> str | None:
+    """The value of the first /proc/cpuinfo line whose key starts with one of `keys` (None where unreadable)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith(keys):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    import platform
-
-    return platform.processor() or platform.machine()
+    return None

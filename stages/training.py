@@ -133,6 +133,7 @@ class TrainerProgress(TrainerCallback):
         if state.is_world_process_zero:
             self.bar = Progress(self.label, state.max_steps, "steps", start=state.global_step)
             self.tokens0 = state.num_input_tokens_seen or 0
+            self.best = state.best_metric  # restored from the checkpoint when resuming
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.bar is None:
@@ -156,9 +157,7 @@ class TrainerProgress(TrainerCallback):
         self.eval_bar.update(1)
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        if self.eval_bar is not None:
-            self.eval_bar.close()
-            self.eval_bar = None
+        self.on_predict(args, state, control)
         if self.bar is None or not metrics or not state.is_world_process_zero:
             return
         key = f"eval_{self.metric}" if self.metric and f"eval_{self.metric}" in metrics else None
@@ -171,6 +170,7 @@ class TrainerProgress(TrainerCallback):
         self.bar.message(f"  step {state.global_step}/{state.max_steps}: validation {value}{best}")
 
     def on_predict(self, args, state, control, metrics=None, **kwargs):
+        """The end of a prediction pass (and of each validation, through on_evaluate): clear its bar."""
         if self.eval_bar is not None:
             self.eval_bar.close()
             self.eval_bar = None
