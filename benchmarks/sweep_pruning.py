@@ -32,7 +32,7 @@ def tiny_model(out: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from stages.modeling import resolve_model
+    from tunepipe.modeling import resolve_model
 
     tok = AutoTokenizer.from_pretrained(resolve_model("builtin:minilm-l6"))
     config = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -54,11 +54,12 @@ def main() -> None:
     import optuna
     import yaml
 
-    from stages import augment, prepare, tokenize
-    from stages.modeling import device_name
-    from stages.params import load_params
-    from stages.sweep import default_storage, sweep
+    from stages import augment, prepare
+    from stages import tokenization as tokenize
     from tests.conftest import synthetic_rows, tiny_params, write_csv
+    from tunepipe.modeling import device_name
+    from tunepipe.params import load_params
+    from tunepipe.sweep import default_storage, sweep
 
     work = Path(tempfile.mkdtemp(prefix="tunepipe-bench-"))
     os.chdir(work)

@@ -1,7 +1,7 @@
 """Training throughput of the finetune stage vs. the common tutorial loop, on the same model, data and steps.
 
 Reference ("tutorial"): every example padded to tokenize.max_length, fp32, random batches, a plain PyTorch loop
-with AdamW and a linear schedule. Ours: stages.training.build_trainer, exactly what `dvc repro` runs (dynamic
+with AdamW and a linear schedule. Ours: tunepipe.training.build_trainer, exactly what `dvc repro` runs (dynamic
 padding, length-grouped batches, bf16 autocast where the hardware runs it fast).
 Figure: real (non-padding) tokens per second of training steps, warm-up steps excluded.
 
@@ -18,9 +18,9 @@ import time
 import torch
 from transformers import TrainerCallback, get_linear_schedule_with_warmup
 
-from stages.data import load_source, select_columns
-from stages.modeling import build_model, cpu_model, load_tokenizer, pick_precision
-from stages.params import parse_params
+from tunepipe.data import load_source, select_columns
+from tunepipe.modeling import build_model, cpu_model, load_tokenizer, pick_precision
+from tunepipe.params import parse_params
 
 WARMUP = 5
 
@@ -44,7 +44,7 @@ def texts_and_labels(n: int, seed: int) -> tuple[list[str], list[int]]:
 def ours(p, texts, labels, steps: int) -> tuple[float, int]:
     import datasets
 
-    from stages.training import build_trainer
+    from tunepipe.training import build_trainer
 
     tok = load_tokenizer(p.model.name)
     enc = tok(texts, truncation=True, max_length=p.tokenize.max_length)

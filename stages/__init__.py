@@ -1,1 +1,1 @@
-"""tunepipe: DVC stages and the shared code they use (params, data, modeling, tracking)."""
+"""The DVC stages: `python -m stages.<module>` entry points, one per stage in dvc.yaml; not installed."""

@@ -8,20 +8,15 @@ Methods work on token ids (after tokenize), so they are tokenizer-agnostic and c
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import datasets
 import numpy as np
 
-from stages.errors import UserError, run_main
-from stages.files import atomic_dir, write_json
-from stages.modeling import load_tokenizer
-from stages.params import AugmentParams, load_params
-from stages.progress import say
-
-IN_DIR = Path("data/tokenized")
-OUT_DIR = Path("data/augmented")
-REPORT = Path("reports/augment.json")
+from tunepipe.errors import UserError, run_main
+from tunepipe.files import atomic_dir, write_json
+from tunepipe.modeling import load_tokenizer
+from tunepipe.params import AugmentParams, load_params
+from tunepipe.paths import AUGMENT_REPORT, AUGMENTED, TOKENIZED
+from tunepipe.progress import say
 
 
 def augment_ids(ids: list[int], method: str, p: float, rng: np.random.Generator, special: set[int],
@@ -83,9 +78,9 @@ def main() -> None:
     datasets.disable_progress_bars()  # per-batch bars drown the stage's one-line summary in DVC's log
     datasets.disable_caching()  # cache files would land inside upstream outputs and dirty them for DVC
     p = load_params()
-    dsd = datasets.load_from_disk(str(IN_DIR))
+    dsd = datasets.load_from_disk(str(TOKENIZED))
     if p.task == "ner":
-        from stages.ner_data import augment_ner
+        from tunepipe.ner_data import augment_ner
 
         train = augment_ner(dsd["train"], p)
     else:
@@ -95,11 +90,11 @@ def main() -> None:
                             "use random_deletion or span_cutoff")
         train = augment_train(dsd["train"], p.augment, set(tokenizer.all_special_ids), tokenizer.mask_token_id)
     out = datasets.DatasetDict({"train": train, "validation": dsd["validation"], "test": dsd["test"]})
-    with atomic_dir(OUT_DIR) as tmp:
+    with atomic_dir(AUGMENTED) as tmp:
         out.save_to_disk(str(tmp))
     report = {"method": p.augment.method, "ratio": p.augment.ratio, "train_before": len(dsd["train"]),
               "added": len(train) - len(dsd["train"]), "train_after": len(train)}
-    write_json(REPORT, report)
+    write_json(AUGMENT_REPORT, report)
     say(f"augment: {report['method']} added {report['added']} train examples ({report['train_after']} total)")
 
 

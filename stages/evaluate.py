@@ -10,18 +10,14 @@ import mlflow
 import numpy as np
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
 
-from stages import tracking
-from stages.errors import run_main
-from stages.files import read_json, write_json, write_text
-from stages.params import load_params
-from stages.plots import plot_confusion
-from stages.progress import say
-from stages.training import TrainerProgress
-
-MODEL_DIR = Path("models/model")
-DATA_DIR = Path("data/tokenized")
-REPORTS = Path("reports")
-PLOTS = REPORTS / "plots"
+from tunepipe import tracking
+from tunepipe.errors import run_main
+from tunepipe.files import read_json, write_json, write_text
+from tunepipe.params import load_params
+from tunepipe.paths import METRICS, MODEL, PLOTS, REPORTS, TOKENIZED, TRAINING_INFO
+from tunepipe.plots import plot_confusion
+from tunepipe.progress import say
+from tunepipe.training import TrainerProgress
 
 
 def classification_summary(y_true: np.ndarray, y_pred: np.ndarray, labels: list[str]) -> dict:
@@ -72,15 +68,15 @@ def predict_logits(model_dir: Path, ds: datasets.Dataset, batch_size: int = 64) 
 def main() -> None:
     datasets.disable_caching()  # cache files would land inside upstream outputs and dirty them for DVC
     p = load_params()
-    info = read_json(MODEL_DIR / "training_info.json")
-    test = datasets.load_from_disk(str(DATA_DIR))["test"]
+    info = read_json(MODEL / TRAINING_INFO)
+    test = datasets.load_from_disk(str(TOKENIZED))["test"]
     if p.task == "ner":
-        from stages.ner_eval import evaluate_ner
+        from tunepipe.ner_eval import evaluate_ner
 
-        metrics, artifacts = evaluate_ner(MODEL_DIR, test, info["labels"], REPORTS)
+        metrics, artifacts = evaluate_ner(MODEL, test, info["labels"], REPORTS)
     else:
         labels = info["labels"]
-        logits = predict_logits(MODEL_DIR, test)
+        logits = predict_logits(MODEL, test)
         y_true = np.asarray(test["labels"])
         y_pred = logits.argmax(-1)
         metrics = classification_summary(y_true, y_pred, labels)
@@ -100,7 +96,7 @@ def main() -> None:
         artifacts = [REPORTS / "classification_report.txt", REPORTS / "predictions.csv",
                      PLOTS / "confusion_matrix.png"]
     metrics["test_data_hash"] = info["test_data_hash"]
-    write_json(REPORTS / "metrics.json", metrics)
+    write_json(METRICS, metrics)
 
     tracking.setup(p.tracking)
     client = mlflow.MlflowClient()
@@ -109,7 +105,7 @@ def main() -> None:
     for lab, row in metrics.get("per_class", metrics.get("per_type", {})).items():  # per_type: NER
         flat[f"test_f1_{lab}"] = row["f1"]
     client.log_batch(info["run_id"], metrics=[mlflow.entities.Metric(k, float(v), now, 0) for k, v in flat.items()])
-    client.log_artifact(info["run_id"], str(REPORTS / "metrics.json"), "evaluation")
+    client.log_artifact(info["run_id"], str(METRICS), "evaluation")
     for path in artifacts:
         client.log_artifact(info["run_id"], str(path), "evaluation")
     headline = "f1" if p.task == "ner" else "macro_f1"

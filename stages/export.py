@@ -1,6 +1,6 @@
 """Stage export: ONNX (fp32) and dynamic int8, parity against PyTorch on the test split, MLflow registration.
 
-The registered model is an MLflow pyfunc (stages/pyfunc_model.py, stored as code, not pickled) that takes
+The registered model is an MLflow pyfunc (tunepipe/serving/pyfunc_model.py, stored as code, not pickled) that takes
 raw text and returns label and probabilities, with the tokenizer inside.
 """
 
@@ -16,17 +16,13 @@ import mlflow
 import numpy as np
 import torch
 
-from stages import tracking
-from stages.errors import UserError, run_main
-from stages.files import atomic_dir, read_json, write_json
-from stages.params import load_params
-from stages.progress import Progress, say
-
-MODEL_DIR = Path("models/model")
-DATA_DIR = Path("data/tokenized")
-OUT_DIR = Path("models/onnx")
-REPORT = Path("reports/export.json")
-PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+from tunepipe import tracking
+from tunepipe.errors import UserError, run_main
+from tunepipe.files import atomic_dir, read_json, write_json
+from tunepipe.params import load_params
+from tunepipe.paths import EXPORT, EXPORT_META, EXPORT_REPORT, METRICS, MODEL, TOKENIZED, TRAINING_INFO
+from tunepipe.progress import Progress, say
+from tunepipe.serving import PYFUNC_CODE
 
 
 class _LogitsOnly(torch.nn.Module):
@@ -144,18 +140,18 @@ def main() -> None:
         AutoTokenizer,
     )
 
-    info = read_json(MODEL_DIR / "training_info.json")
-    metrics = read_json(Path("reports/metrics.json"))
+    info = read_json(MODEL / TRAINING_INFO)
+    metrics = read_json(METRICS)
     auto = AutoModelForTokenClassification if info["task"] == "ner" else AutoModelForSequenceClassification
-    model = auto.from_pretrained(MODEL_DIR, trust_remote_code=False).eval()
-    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
+    model = auto.from_pretrained(MODEL, trust_remote_code=False).eval()
+    tokenizer = AutoTokenizer.from_pretrained(MODEL)
     input_names = [k for k in tokenizer.model_input_names if k in ("input_ids", "attention_mask", "token_type_ids")]
-    test = datasets.load_from_disk(str(DATA_DIR))["test"]
+    test = datasets.load_from_disk(str(TOKENIZED))["test"]
 
     import onnxruntime as ort
 
     t0 = time.time()
-    with atomic_dir(OUT_DIR) as tmp:
+    with atomic_dir(EXPORT) as tmp:
         export_onnx(model, input_names, tmp / "model.onnx", p.export.opset)
         quantize_int8(tmp / "model.onnx", tmp / "model.int8.onnx")
         sessions = {name: ort.InferenceSession(str(tmp / f), providers=["CPUExecutionProvider"])
@@ -166,15 +162,15 @@ def main() -> None:
             raise UserError(f"export: fp32 ONNX logits differ from PyTorch by {report['fp32_max_abs_logit_diff']:.2e}"
                             f" > export.parity_tolerance {p.export.parity_tolerance:g}; nothing was exported")
         tokenizer.save_pretrained(tmp)
-        shutil.copy(MODEL_DIR / "config.json", tmp / "config.json")
-        write_json(tmp / "tunepipe.json", {"task": info["task"], "labels": info["labels"],
+        shutil.copy(MODEL / "config.json", tmp / "config.json")
+        write_json(tmp / EXPORT_META, {"task": info["task"], "labels": info["labels"],
                                            "max_length": info["max_length"], "input_names": input_names})
     report["export_seconds"] = round(time.time() - t0, 1)
     # The exporter may keep weights in an external-data file beside model.onnx.
-    report["fp32_mb"] = round(sum(f.stat().st_size for f in OUT_DIR.glob("model.onnx*")) / 2**20, 1)
-    report["int8_mb"] = round((OUT_DIR / "model.int8.onnx").stat().st_size / 2**20, 1)
-    report["registered"] = register(p, info["run_id"], OUT_DIR, info, metrics, report)
-    write_json(REPORT, report)
+    report["fp32_mb"] = round(sum(f.stat().st_size for f in EXPORT.glob("model.onnx*")) / 2**20, 1)
+    report["int8_mb"] = round((EXPORT / "model.int8.onnx").stat().st_size / 2**20, 1)
+    report["registered"] = register(p, info["run_id"], EXPORT, info, metrics, report)
+    write_json(EXPORT_REPORT, report)
     reg = report["registered"]
     say(f"export: fp32 max |diff| {report['fp32_max_abs_logit_diff']:.2e}, int8 label agreement "
         f"{report['int8_label_agreement']:.4f}; registered {reg['model_name']} version {reg['version']}")

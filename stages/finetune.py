@@ -15,22 +15,15 @@ from pathlib import Path
 import datasets
 import mlflow
 
-from stages import tracking
-from stages.errors import run_main
-from stages.files import atomic_dir, read_json, write_json
-from stages.modeling import device_name, merge_for_export, pick_precision
-from stages.params import Params, load_params
-from stages.plots import plot_curves
-from stages.progress import duration, say
-from stages.training import build_trainer, headline_metric, history_curves
-
-DATA_DIR = Path("data/augmented")
-META = Path("data/prepared/meta.json")
-CKPT_DIR = Path("models/checkpoints")
-MODEL_DIR = Path("models/model")
-REPORT = Path("reports/train.json")
-PLOTS = Path("reports/plots")
-INFO = "training_info.json"
+from tunepipe import tracking
+from tunepipe.errors import run_main
+from tunepipe.files import atomic_dir, read_json, write_json
+from tunepipe.modeling import device_name, merge_for_export, pick_precision
+from tunepipe.params import Params, load_params
+from tunepipe.paths import AUGMENTED, CHECKPOINTS, MODEL, PLOTS, PREPARED_META, TRAIN_REPORT, TRAINING_INFO
+from tunepipe.plots import plot_curves
+from tunepipe.progress import duration, say
+from tunepipe.training import build_trainer, headline_metric, history_curves
 
 
 def fingerprint(p: Params, data_hash: str) -> str:
@@ -78,22 +71,22 @@ def start_run(p: Params, run_id: str | None, meta: dict, fp: str) -> str:
 def main() -> None:
     datasets.disable_caching()  # cache files would land inside upstream outputs and dirty them for DVC
     p = load_params()
-    meta = read_json(META)
+    meta = read_json(PREPARED_META)
     labels = meta["labels"]
-    dsd = datasets.load_from_disk(str(DATA_DIR))
+    dsd = datasets.load_from_disk(str(AUGMENTED))
     fp = fingerprint(p, meta["data_hash"])
 
-    resume_from, run_id = resumable_checkpoint(CKPT_DIR, fp)
+    resume_from, run_id = resumable_checkpoint(CHECKPOINTS, fp)
     if resume_from is None:
-        shutil.rmtree(CKPT_DIR, ignore_errors=True)
-    CKPT_DIR.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(CHECKPOINTS, ignore_errors=True)
+    CHECKPOINTS.mkdir(parents=True, exist_ok=True)
     run_id = start_run(p, run_id, meta, fp)
-    write_json(CKPT_DIR / "state.json", {"fingerprint": fp, "run_id": run_id, "status": "running"})
+    write_json(CHECKPOINTS / "state.json", {"fingerprint": fp, "run_id": run_id, "status": "running"})
     say(f"finetune: {device_name()}, precision {pick_precision(p.finetune.precision)} "
         f"(finetune.precision: {p.finetune.precision}), MLflow run {run_id}"
         + (f", resuming from {resume_from}" if resume_from else ""))
 
-    trainer = build_trainer(p, dsd, labels, str(CKPT_DIR), [tracking.MlflowMetricsCallback(run_id)])
+    trainer = build_trainer(p, dsd, labels, str(CHECKPOINTS), [tracking.MlflowMetricsCallback(run_id)])
     result = trainer.train(resume_from_checkpoint=resume_from)
 
     metric = headline_metric(p.task)
@@ -112,10 +105,10 @@ def main() -> None:
         "precision_requested": p.finetune.precision,
     }
     model = merge_for_export(trainer.model)
-    with atomic_dir(MODEL_DIR) as tmp:
+    with atomic_dir(MODEL) as tmp:
         model.save_pretrained(tmp)  # safetensors
         trainer.processing_class.save_pretrained(tmp)
-        write_json(tmp / INFO, {"run_id": run_id, "task": p.task, "labels": labels, "fingerprint": fp,
+        write_json(tmp / TRAINING_INFO, {"run_id": run_id, "task": p.task, "labels": labels, "fingerprint": fp,
                                 "data_hash": meta["data_hash"], "test_data_hash": meta["hashes"]["test"],
                                 "max_length": p.tokenize.max_length, **summary})
 
@@ -124,23 +117,23 @@ def main() -> None:
     _write_csv(PLOTS / "train_loss.csv", loss, ["step", "loss"])
     _write_csv(PLOTS / "validation.csv", val, ["step", metric])
     plot_curves(loss, val, metric, PLOTS / "training_curves.png")
-    write_json(REPORT, summary)
+    write_json(TRAIN_REPORT, summary)
 
     client = mlflow.MlflowClient()
     client.log_batch(run_id, metrics=[mlflow.entities.Metric(f"best_val_{metric}", float(best or 0.0),
                                                              int(time.time() * 1000), trainer.state.global_step)])
     client.log_artifact(run_id, str(PLOTS / "training_curves.png"), "plots")
     # The run is done once training is; checkpoints are not needed any more (the best model is saved).
-    for ckpt in CKPT_DIR.glob("checkpoint-*"):
+    for ckpt in CHECKPOINTS.glob("checkpoint-*"):
         shutil.rmtree(ckpt, ignore_errors=True)
-    write_json(CKPT_DIR / "state.json", {"fingerprint": fp, "run_id": run_id, "status": "complete"})
+    write_json(CHECKPOINTS / "state.json", {"fingerprint": fp, "run_id": run_id, "status": "complete"})
     rate = f", {summary['train_tokens_per_s']:,.0f} real tokens/s" if summary["train_tokens_per_s"] else ""
     say(f"finetune: best validation {metric} {best:.4f} at step {summary['best_step']}/{summary['global_step']}, "
         f"trained in {duration(summary['train_runtime_s'])}{rate}")
 
 
 def _write_csv(path: Path, rows: list[dict], cols: list[str]) -> None:
-    from stages.files import write_text
+    from tunepipe.files import write_text
 
     write_text(path, ",".join(cols) + "\n" + "".join(",".join(str(r[c]) for c in cols) + "\n" for r in rows))
 

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pandas as pd
 
-from stages import data
-from stages.errors import run_main
-from stages.files import atomic_dir, write_json
-from stages.params import Params, load_params
-from stages.progress import say
-
-OUT_DIR = Path("data/prepared")
-REPORT = Path("reports/data.json")
+from tunepipe import data
+from tunepipe.errors import run_main
+from tunepipe.files import atomic_dir, write_json
+from tunepipe.params import Params, load_params
+from tunepipe.paths import DATA_REPORT, PREPARED
+from tunepipe.progress import say
 
 
 def prepare_classification(p: Params) -> tuple[dict[str, pd.DataFrame], dict]:
@@ -62,13 +58,13 @@ def prepare_classification(p: Params) -> tuple[dict[str, pd.DataFrame], dict]:
 def main() -> None:
     p = load_params()
     if p.task == "ner":
-        from stages.ner_data import prepare_ner
+        from tunepipe.ner_data import prepare_ner
 
         splits, report, writer = prepare_ner(p)
     else:
         splits, report = prepare_classification(p)
         writer = None
-    with atomic_dir(OUT_DIR) as tmp:
+    with atomic_dir(PREPARED) as tmp:
         if writer is not None:
             writer(splits, tmp)
         else:
@@ -76,7 +72,7 @@ def main() -> None:
                 df.to_parquet(tmp / f"{name}.parquet", index=False)
         write_json(tmp / "meta.json", {"task": p.task, "labels": report["labels"], "hashes": report["hashes"],
                                        "data_hash": report["data_hash"]})
-    write_json(REPORT, report)
+    write_json(DATA_REPORT, report)
     sizes = ", ".join(f"{k}={v['rows']}" for k, v in report["splits"].items())
     say(f"prepare: {sizes}; dropped {report['drops']}; labels {report['labels']}")
 

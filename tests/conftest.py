@@ -58,7 +58,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     """A 2-layer, 32-wide BERT with random weights and the real MiniLM tokenizer (fast, offline)."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from stages.modeling import resolve_model
+    from tunepipe.modeling import resolve_model
 
     out = tmp_path_factory.mktemp("tiny-bert")
     tok = AutoTokenizer.from_pretrained(resolve_model("builtin:minilm-l6"))

@@ -48,11 +48,11 @@ def test_dvc_repro_end_to_end(repo):
         assert (repo / path).is_file(), path
 
     # The exported model labels raw text from the command line.
-    res = sh([sys.executable, "-m", "stages.cli", "predict", "what a great flight", "--json"], repo)
+    res = sh([sys.executable, "-m", "tunepipe.cli", "predict", "what a great flight", "--json"], repo)
     row = json.loads(res.stdout.splitlines()[0])
     assert row["label"] in {"negative", "neutral", "positive"}
     assert abs(sum(row["probabilities"].values()) - 1) < 1e-5
-    bad = subprocess.run([sys.executable, "-m", "stages.cli", "predict", "x", "--model", "nowhere"], cwd=repo,
+    bad = subprocess.run([sys.executable, "-m", "tunepipe.cli", "predict", "x", "--model", "nowhere"], cwd=repo,
                          capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("error: --model: nowhere is not an exported model")
 

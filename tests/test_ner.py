@@ -14,15 +14,15 @@ import pandas as pd
 import pytest
 import yaml
 
-from stages import ner_data
-from stages.errors import UserError
-from stages.files import read_json
-from stages.ner_data import IGNORED, align_labels, detect_and_validate, read_conll
-from stages.ner_eval import entity_confusion
-from stages.ner_metrics import entity_scores, ner_metrics, per_type
-from stages.params import parse_params
-from stages.pyfunc_model import split_words, tag_spans
 from tests.conftest import REPO, clone_repo, commit_all, sh, tiny_params
+from tunepipe import ner_data
+from tunepipe.errors import UserError
+from tunepipe.files import read_json
+from tunepipe.ner_data import IGNORED, align_labels, detect_and_validate, read_conll
+from tunepipe.ner_eval import entity_confusion
+from tunepipe.ner_metrics import entity_scores, ner_metrics, per_type
+from tunepipe.params import parse_params
+from tunepipe.serving.pyfunc_model import split_words, tag_spans
 
 SHARED_CONLL = REPO.parent / "shared/data/conll2003"
 
@@ -156,7 +156,7 @@ def test_scheme_detection(tmp_path):
 
 def test_prepare_stage_reports_scheme_error_in_one_line(ner_project, capsys):
     from stages import prepare
-    from stages.errors import run_main
+    from tunepipe.errors import run_main
 
     root = ner_project()
     write_tiny_dir(root)
@@ -254,7 +254,7 @@ def test_prepare_hf_source_names_tags_and_drops_empty_sentences(ner_project, tmp
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from stages.modeling import load_tokenizer
+    from tunepipe.modeling import load_tokenizer
 
     return load_tokenizer("builtin:minilm-l6")
 
@@ -290,7 +290,8 @@ def test_alignment_labels_first_subtoken_of_tricky_words(tokenizer):
 
 
 def test_tokenize_stage_aligns_and_reports_truncation(ner_project):
-    from stages import prepare, tokenize
+    from stages import prepare
+    from stages import tokenization as tokenize
 
     root = ner_project(**{"tokenize.max_length": 10})
     d = write_tiny_dir(root)
@@ -317,7 +318,8 @@ def test_tokenize_stage_aligns_and_reports_truncation(ner_project):
 # --- augmentation ----------------------------------------------------------------------------------------------
 
 def test_entity_swap_keeps_tags_aligned(ner_project):
-    from stages import augment, prepare, tokenize
+    from stages import augment, prepare
+    from stages import tokenization as tokenize
 
     root = ner_project(**{"augment.method": "entity_swap", "augment.ratio": 1.0, "augment.probability": 0.5})
     write_tiny_dir(root, n_train=40)
@@ -472,14 +474,14 @@ def test_registered_pyfunc_returns_entity_spans(ner_repo):
     assert {("John Smith", "PER"), ("Paris", "LOC")} <= found[0]
     assert ("Globex", "ORG") in found[1] and found[2] == set()
 
-    from stages.pyfunc_model import TextPredictor
+    from tunepipe.serving.pyfunc_model import TextPredictor
 
     local = TextPredictor(ner_repo / "models/onnx").predict(texts)
     assert [r["entities"] for r in local] == results
-    res = sh([sys.executable, "-m", "stages.cli", "predict", "Wei Chen works for Initech now .", "--json"], ner_repo)
+    res = sh([sys.executable, "-m", "tunepipe.cli", "predict", "Wei Chen works for Initech now .", "--json"], ner_repo)
     row = json.loads(res.stdout)
     assert {(e["text"], e["type"]) for e in row["entities"]} >= {("Wei Chen", "PER"), ("Initech", "ORG")}
-    plain = sh([sys.executable, "-m", "stages.cli", "predict", "Maria Garcia visited Tokyo ."], ner_repo).stdout
+    plain = sh([sys.executable, "-m", "tunepipe.cli", "predict", "Maria Garcia visited Tokyo ."], ner_repo).stdout
     assert "entities: Maria Garcia [PER]" in plain
 
 

@@ -1,9 +1,9 @@
 import pytest
 import yaml
 
-from stages.errors import UserError
-from stages.params import load_params, parse_params
 from tests.conftest import REPO
+from tunepipe.errors import UserError
+from tunepipe.params import load_params, parse_params
 
 
 def test_repository_params_are_valid():

@@ -10,11 +10,11 @@ import pandas as pd
 import pytest
 import yaml
 
-from stages import data
-from stages.errors import UserError
-from stages.params import parse_params
 from stages.prepare import prepare_classification
 from tests.conftest import REPO, synthetic_rows, write_csv
+from tunepipe import data
+from tunepipe.errors import UserError
+from tunepipe.params import parse_params
 
 
 def params(**data_overrides):

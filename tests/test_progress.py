@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from stages import progress
-from stages.progress import Progress, duration
+from tunepipe import progress
+from tunepipe.progress import Progress, duration
 
 
 @pytest.fixture(autouse=True)

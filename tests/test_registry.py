@@ -25,11 +25,11 @@ import pytest
 import yaml
 from sklearn.metrics import accuracy_score, f1_score
 
-from stages import cli, registry
-from stages.errors import UserError
-from stages.params import PromoteParams, parse_params
-from stages.significance import entity_metric_on_weights, mcnemar, metric_on_weights, paired_bootstrap_labels
 from tests.conftest import REPO, synthetic_rows
+from tunepipe import cli, registry
+from tunepipe.errors import UserError
+from tunepipe.params import PromoteParams, parse_params
+from tunepipe.significance import entity_metric_on_weights, mcnemar, metric_on_weights, paired_bootstrap_labels
 
 LABELS = ["negative", "neutral", "positive"]
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
@@ -438,7 +438,7 @@ def test_two_concurrent_promote_commands_keep_the_better_one(reg):
         for v in (v3, v2):
             logs.append(reg.project / f"promote-{v}.log")
             with open(logs[-1], "w") as fh:
-                procs.append(subprocess.Popen([sys.executable, "-m", "stages.cli", "--params", str(reg.params_file),
+                procs.append(subprocess.Popen([sys.executable, "-m", "tunepipe.cli", "--params", str(reg.params_file),
                                                "promote", "--version", str(v)], stdout=fh, stderr=subprocess.STDOUT,
                                               cwd=reg.project, env=env))
         deadline = time.time() + 120
@@ -500,7 +500,8 @@ def test_models_lists_versions_and_lineage(reg):
 
 def test_serve_and_predict_the_champion_registered_by_export(reg, onnx_exports, monkeypatch):
     """The export stage's own register(), then promote, lineage, `mlflow models serve`, `tunepipe predict`."""
-    from stages import export, tracking
+    from stages import export
+    from tunepipe import tracking
 
     p = parse_params({"tracking": {"uri": reg.uri, "experiment": "tunepipe", "model_name": reg.name}})
     run_id = reg.client.create_run(reg.experiment_id).info.run_id

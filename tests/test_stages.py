@@ -12,11 +12,13 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from stages import augment, evaluate, export, finetune, modeling, prepare, progress, tokenize
+from stages import augment, evaluate, export, finetune, prepare
+from stages import tokenization as tokenize
 from stages.augment import augment_ids
-from stages.errors import UserError
-from stages.files import read_json
-from stages.params import load_params
+from tunepipe import modeling, progress
+from tunepipe.errors import UserError
+from tunepipe.files import read_json
+from tunepipe.params import load_params
 
 
 def run_front(root: Path) -> datasets.DatasetDict:
@@ -161,7 +163,7 @@ def test_finetune_evaluate_export_register(project):
     # The registered pyfunc takes raw text and agrees with the local export.
     pyfunc = mlflow.pyfunc.load_model(f"models:/{p.tracking.model_name}/{version.version}")
     out = pyfunc.predict(["great love the flight", "awful hate it"])
-    from stages.pyfunc_model import TextPredictor
+    from tunepipe.serving.pyfunc_model import TextPredictor
 
     local = TextPredictor(root / "models/onnx").predict(["great love the flight", "awful hate it"])
     assert list(out["label"]) == [r["label"] for r in local]
@@ -205,9 +207,9 @@ def test_same_params_and_seed_give_the_same_metrics(project):
 
 def test_hf_source_path_loads_a_local_dataset_folder(project):
     """hf:NAME goes through datasets.load_dataset; a local folder exercises the same call offline."""
-    from stages.params import parse_params
     from stages.prepare import prepare_classification
     from tests.conftest import synthetic_rows, write_csv
+    from tunepipe.params import parse_params
 
     root = project()
     rows = synthetic_rows(200)

@@ -18,10 +18,10 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from stages import sweep
-from stages.cli import main as cli
-from stages.params import load_params
 from tests.conftest import REPO, clone_repo, synthetic_rows, write_csv
+from tunepipe import sweep
+from tunepipe.cli import main as cli
+from tunepipe.params import load_params
 
 STUDY = "tunepipe-sweep"
 # Tiny trials: 120 train rows, 2 epochs, an evaluation every 2 steps.
@@ -47,7 +47,8 @@ def sweep_project(project):
 
     def make(**overrides) -> Path:
         root = project(150, **{**SWEEP, **overrides})
-        from stages import augment, prepare, tokenize
+        from stages import augment, prepare
+        from stages import tokenization as tokenize
 
         prepare.main()
         tokenize.main()
@@ -130,7 +131,7 @@ def test_a_killed_sweep_resumes_and_retries_the_dead_trial(sweep_project):
     root = sweep_project(**{"sweep.pruner": "none", "finetune.epochs": 3.0})  # 6-12 evaluations per trial
     url = storage_of(root)
     log = (root / "worker.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "stages.cli", "sweep", "--no-repro", "--trials", "2"], cwd=root,
+    proc = subprocess.Popen([sys.executable, "-m", "tunepipe.cli", "sweep", "--no-repro", "--trials", "2"], cwd=root,
                             env=worker_env(), stdout=log, stderr=subprocess.STDOUT)
     # Kill the worker (no chance to clean up) once one trial is done and the next has reported an evaluation.
     deadline, victim, storage = time.time() + 300, None, None
@@ -196,7 +197,7 @@ def pg_database():
 def test_three_workers_share_one_postgres_study(sweep_project, pg_database):
     # A longer heartbeat than the other tests: on a loaded machine a worker may stall for a second or two.
     root = sweep_project(**{"finetune.epochs": 1.0, "sweep.heartbeat_interval": 5, "sweep.pruner": "hyperband"})
-    cmd = [sys.executable, "-m", "stages.cli", "sweep", "--no-repro", "--trials", "6", "--storage", pg_database,
+    cmd = [sys.executable, "-m", "tunepipe.cli", "sweep", "--no-repro", "--trials", "6", "--storage", pg_database,
            "--study", "shared"]
     logs = [root / f"worker{i}.log" for i in range(3)]
     procs = []

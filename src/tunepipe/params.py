@@ -11,9 +11,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from stages.errors import UserError
-
-PARAMS_FILE = "params.yaml"
+from tunepipe.errors import UserError
+from tunepipe.paths import PARAMS_FILE
 
 
 class _Section(BaseModel):
@@ -153,7 +152,7 @@ class Params(_Section):
     promote: PromoteParams = PromoteParams()
 
 
-def parse_params(raw: object, source: str = PARAMS_FILE) -> Params:
+def parse_params(raw: object, source: str = str(PARAMS_FILE)) -> Params:
     """Validate a plain dict; errors name the dotted key and what is wrong with it."""
     if raw is None:
         raw = {}

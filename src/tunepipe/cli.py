@@ -11,25 +11,24 @@ import os
 import sys
 from pathlib import Path
 
-from stages.errors import UserError, run_main
-
-DEFAULT_EXPORT = Path("models/onnx")
+from tunepipe.errors import UserError, run_main
+from tunepipe.paths import EXPORT, EXPORT_META
 
 
 def load_predictor(model: str, params_file: str):
     """A path to an export directory, or an MLflow model URI (models:/NAME@champion, runs:/...)."""
     if "://" not in model and ":/" not in model:
         path = Path(model)
-        if not (path / "tunepipe.json").is_file():
-            raise UserError(f"--model: {path} is not an exported model directory (no tunepipe.json); "
+        if not (path / EXPORT_META).is_file():
+            raise UserError(f"--model: {path} is not an exported model directory (no {EXPORT_META}); "
                             "run `dvc repro` first or pass models:/NAME@champion")
-        from stages.pyfunc_model import TextPredictor
+        from tunepipe.serving.pyfunc_model import TextPredictor
 
         return TextPredictor(path).predict
     import mlflow
 
-    from stages import tracking
-    from stages.params import load_params
+    from tunepipe import tracking
+    from tunepipe.params import load_params
 
     if Path(params_file).is_file():
         tracking.setup(load_params(params_file).tracking)
@@ -67,12 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="label texts with an exported or registered model")
     p.add_argument("text", nargs="*", help="texts to label (default: one per line on stdin)")
-    p.add_argument("--model", default=str(DEFAULT_EXPORT),
+    p.add_argument("--model", default=str(EXPORT),
                    help="export directory, or an MLflow URI such as models:/NAME@champion (default: models/onnx)")
     p.add_argument("--json", action="store_true", help="one JSON object per text")
     p.set_defaults(func=cmd_predict)
 
-    from stages import registry, sweep
+    from tunepipe import registry, sweep
 
     for module in (sweep, registry):
         module.add_parser(sub)

@@ -1,24 +1,19 @@
 """Stage tokenize: the model's fast tokenizer over each split (batched datasets.map), no padding.
 
-Run as `python -m stages.tokenize` (never as a script: a top-level tokenize.py would shadow the stdlib's).
+Run as `python -m stages.tokenization` (never as a script: a top-level tokenize.py would shadow the stdlib's).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import datasets
 import pandas as pd
 
-from stages.errors import run_main
-from stages.files import atomic_dir, read_json, write_json
-from stages.modeling import load_tokenizer
-from stages.params import load_params
-from stages.progress import Progress, say
-
-IN_DIR = Path("data/prepared")
-OUT_DIR = Path("data/tokenized")
-REPORT = Path("reports/tokenize.json")
+from tunepipe.errors import run_main
+from tunepipe.files import atomic_dir, read_json, write_json
+from tunepipe.modeling import load_tokenizer
+from tunepipe.params import load_params
+from tunepipe.paths import PREPARED, TOKENIZE_REPORT, TOKENIZED
+from tunepipe.progress import Progress, say
 
 
 def tokenize_split(ds: datasets.Dataset, tokenizer, max_length: int, label2id: dict[str, int],
@@ -49,14 +44,14 @@ def main() -> None:
     datasets.disable_caching()  # cache files would land inside upstream outputs and dirty them for DVC
     p = load_params()
     if p.task == "ner":
-        from stages.ner_data import tokenize_ner
+        from tunepipe.ner_data import tokenize_ner
 
-        dsd, report = tokenize_ner(p, IN_DIR)
+        dsd, report = tokenize_ner(p, PREPARED)
     else:
-        meta = read_json(IN_DIR / "meta.json")
+        meta = read_json(PREPARED / "meta.json")
         label2id = {lab: i for i, lab in enumerate(meta["labels"])}
         tokenizer = load_tokenizer(p.model.name)
-        frames = {split: pd.read_parquet(IN_DIR / f"{split}.parquet") for split in ("train", "validation", "test")}
+        frames = {split: pd.read_parquet(PREPARED / f"{split}.parquet") for split in ("train", "validation", "test")}
         with Progress("tokenize", sum(map(len, frames.values())), "texts") as bar:
             dsd = datasets.DatasetDict({
                 split: tokenize_split(datasets.Dataset.from_pandas(df), tokenizer, p.tokenize.max_length, label2id,
@@ -66,9 +61,9 @@ def main() -> None:
         report = {"max_length": p.tokenize.max_length,
                   "splits": {k: truncation_stats(v, p.tokenize.max_length) for k, v in dsd.items()}}
         dsd = dsd.remove_columns("n_tokens")
-    with atomic_dir(OUT_DIR) as tmp:
+    with atomic_dir(TOKENIZED) as tmp:
         dsd.save_to_disk(str(tmp))
-    write_json(REPORT, report)
+    write_json(TOKENIZE_REPORT, report)
     rates = ", ".join(f"{k}={v['truncation_rate']:.2%}" for k, v in report["splits"].items())
     say(f"tokenize: max_length={p.tokenize.max_length}, truncated {rates}")
 

@@ -1,6 +1,6 @@
 """`tunepipe sweep`: an Optuna study over finetune's learning rate, batch size and dropout.
 
-Each trial trains through stages.training.build_trainer (the finetune stage's code path) on data/augmented and
+Each trial trains through tunepipe.training.build_trainer (the finetune stage's code path) on data/augmented and
 reports validation `headline_metric` at every evaluation, so pruners stop poor trials early. The study lives in
 an RDB storage (default: sqlite optuna.db in the project; PostgreSQL to share it across processes and machines):
 running the same command again resumes it, and a trial whose process died is retried once its heartbeat is stale.
@@ -32,11 +32,11 @@ import yaml as pyyaml
 from optuna.trial import FrozenTrial, TrialState
 from transformers import PrinterCallback, TrainerCallback
 
-from stages.errors import UserError
-from stages.files import read_json, write_json, write_text
-from stages.params import PARAMS_FILE, Params, SweepParams, load_params, parse_params
+from tunepipe.errors import UserError
+from tunepipe.files import read_json, write_json, write_text
+from tunepipe.params import Params, SweepParams, load_params, parse_params
+from tunepipe.paths import AUGMENTED, OPTUNA_DB, PARAMS_FILE, PREPARED_META, SWEEP_REPORTS
 
-REPORT_DIR = Path("reports/sweep")
 TUNED = ("learning_rate", "batch_size", "dropout")
 SPACE_ATTR = "tunepipe.search_space"
 SETUP_ATTR = "tunepipe.trial_setup"
@@ -89,7 +89,7 @@ def trial_params(p: Params, values: dict) -> Params:
 
 
 def default_storage(root: Path | None = None) -> str:
-    return f"sqlite:///{((root or Path.cwd()) / 'optuna.db').resolve()}"
+    return f"sqlite:///{((root or Path.cwd()) / OPTUNA_DB).resolve()}"
 
 
 def masked(url: str) -> str:
@@ -227,7 +227,7 @@ class Objective:
 
     def __init__(self, p: Params, sw: SweepParams, dsd, labels: list[str], target: int, exp_id: str,
                  parent_run_id: str):
-        from stages.training import headline_metric
+        from tunepipe.training import headline_metric
 
         self.p, self.sw, self.dsd, self.labels, self.target = p, sw, dsd, labels, target
         self.exp_id, self.parent_run_id = exp_id, parent_run_id
@@ -247,8 +247,8 @@ class Objective:
         out = tempfile.mkdtemp(prefix=f"tunepipe-trial-{trial.number}-")
         state, value, trainer = "fail", None, None
         try:
-            from stages import tracking
-            from stages.training import build_trainer
+            from tunepipe import tracking
+            from tunepipe.training import build_trainer
 
             trainer = build_trainer(tp, self.dsd, self.labels, out, save_checkpoints=False, callbacks=[
                 tracking.MlflowMetricsCallback(run_id),
@@ -276,7 +276,7 @@ class Objective:
     def _start_run(self, trial: optuna.Trial, tp: Params) -> str:
         import mlflow
 
-        from stages import tracking
+        from tunepipe import tracking
 
         client = mlflow.MlflowClient()
         tags = {"mlflow.parentRunId": self.parent_run_id, "mlflow.runName": f"trial-{trial.number}",
@@ -372,7 +372,7 @@ def run_trials(study: optuna.Study, objective: Objective, target: int, timeout: 
 
 # ---- reports ----
 
-def write_reports(study: optuna.Study, summary: dict, out_dir: Path = REPORT_DIR) -> dict:
+def write_reports(study: optuna.Study, summary: dict, out_dir: Path = SWEEP_REPORTS) -> dict:
     """best_params.yaml, summary.json and plots (PNG via matplotlib, interactive HTML via plotly)."""
     counts = trial_counts(study)
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -544,21 +544,20 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     sweep(p, sw, url, args.params, apply=args.apply)
 
 
-def sweep(p: Params, sw: SweepParams, url: str, params_file: str = PARAMS_FILE, apply: bool = False,
-          out_dir: Path = REPORT_DIR) -> dict:
+def sweep(p: Params, sw: SweepParams, url: str, params_file: str | Path = PARAMS_FILE, apply: bool = False,
+          out_dir: Path = SWEEP_REPORTS) -> dict:
     """Run this worker's share of the study and write the reports; returns the summary."""
     import datasets
     import mlflow
     import transformers
 
-    from stages import tracking
-    from stages.finetune import DATA_DIR, META
-    from stages.training import headline_metric
+    from tunepipe import tracking
+    from tunepipe.training import headline_metric
 
     # Everything the user can get wrong is checked before the study or MLflow is touched.
-    if not (DATA_DIR / "dataset_dict.json").is_file() or not META.is_file():
-        raise UserError(f"{DATA_DIR}: no prepared data; run `dvc repro augment` (or drop --no-repro)")
-    dsd, meta = datasets.load_from_disk(str(DATA_DIR)), read_json(META)
+    if not (AUGMENTED / "dataset_dict.json").is_file() or not PREPARED_META.is_file():
+        raise UserError(f"{AUGMENTED}: no prepared data; run `dvc repro augment` (or drop --no-repro)")
+    dsd, meta = datasets.load_from_disk(str(AUGMENTED)), read_json(PREPARED_META)
     labels = meta["labels"]
     check_evaluated(p, sw, len(dsd["train"]))
     metric = headline_metric(p.task)
@@ -642,7 +641,7 @@ def _setup_tracking(p: Params) -> str:
     from filelock import FileLock
     from sqlalchemy.engine import make_url
 
-    from stages import tracking
+    from tunepipe import tracking
 
     uri = tracking.tracking_uri(p.tracking)
     lock = None

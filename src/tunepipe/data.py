@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
-from stages.errors import UserError
+from tunepipe.errors import UserError
 
 SPLITS = ("train", "validation", "test")
 # Source-split names seen in the wild, mapped onto ours.

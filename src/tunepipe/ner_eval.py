@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from seqeval.scheme import Entities
 
-from stages.files import write_text
-from stages.ner_metrics import entity_scores, per_type, seqeval_scheme, text_report
-from stages.plots import plot_confusion
-from stages.progress import Progress
+from tunepipe.files import write_text
+from tunepipe.ner_metrics import entity_scores, per_type, seqeval_scheme, text_report
+from tunepipe.plots import plot_confusion
+from tunepipe.progress import Progress
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 

@@ -32,11 +32,11 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.errors import UserError
-from stages.params import PromoteParams
+from tunepipe.errors import UserError
+from tunepipe.params import PromoteParams
+from tunepipe.paths import TEST_SPLIT
 
 ALIAS = "champion"
-TEST_SPLIT = Path("data/prepared/test.parquet")
 PREDICTIONS = "evaluation/predictions.csv"
 LOCK_TIMEOUT_S = 300.0
 STALE_REGISTRY_LOCK_S = 120.0  # the locked section only re-reads and moves the alias: seconds, not minutes
@@ -115,7 +115,7 @@ def decide(s: PromoteParams, candidate: float, champion: float | None, same_data
 
 def paired_p_value(s: PromoteParams, gold: list[str], new: list[str], old: list[str]) -> float:
     """The configured paired test on per-example label strings (mapped to ids over all labels seen)."""
-    from stages.significance import BOOTSTRAP_METRICS, mcnemar, paired_bootstrap_labels
+    from tunepipe.significance import BOOTSTRAP_METRICS, mcnemar, paired_bootstrap_labels
 
     labels = sorted(set(gold) | set(new) | set(old))
     ids = {lab: i for i, lab in enumerate(labels)}
@@ -130,7 +130,7 @@ def paired_p_value(s: PromoteParams, gold: list[str], new: list[str], old: list[
 
 def p_value_frames(s: PromoteParams, new, old) -> float:
     """The paired test on two evaluation/predictions.csv tables (same examples, same gold labels)."""
-    from stages.significance import ENTITY_METRICS, mcnemar, paired_bootstrap_entities
+    from tunepipe.significance import ENTITY_METRICS, mcnemar, paired_bootstrap_entities
 
     counts = ["correct_entities", "gold_entities", "pred_entities"]
     if not all(c in new.columns and c in old.columns for c in counts):
@@ -283,9 +283,9 @@ def _reevaluate(name: str, s: PromoteParams, cand: Version, champ: Version | Non
     import mlflow
     import pandas as pd
 
-    from stages.data import content_hash
     from stages.evaluate import classification_summary
-    from stages.significance import BOOTSTRAP_METRICS
+    from tunepipe.data import content_hash
+    from tunepipe.significance import BOOTSTRAP_METRICS
 
     if not test_path.is_file():
         raise UserError(f"--reevaluate: {test_path} not found; run `dvc repro prepare` first")
@@ -634,8 +634,8 @@ def _client(params_file: str):
     """Point MLflow at the configured store without creating anything there."""
     import mlflow
 
-    from stages import tracking
-    from stages.params import load_params
+    from tunepipe import tracking
+    from tunepipe.params import load_params
 
     p = load_params(params_file)
     # A CLI should say "unreachable" in seconds, not retry for minutes (explicit settings still win).

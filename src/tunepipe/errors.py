@@ -12,7 +12,7 @@ class UserError(Exception):
 
 def run_main(main: Callable[[], object]) -> None:
     """Run a stage or CLI entry point, turning UserError into `error: ...` on stderr and exit 2."""
-    from stages.progress import quiet_libraries
+    from tunepipe.progress import quiet_libraries
 
     quiet_libraries()
     try:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from stages.params import Params, TrackingParams
+from tunepipe.params import Params, TrackingParams
+from tunepipe.paths import MLFLOW_ARTIFACTS, MLFLOW_DB
 
 
 def tracking_uri(t: TrackingParams, root: Path | None = None) -> str:
@@ -17,7 +18,7 @@ def tracking_uri(t: TrackingParams, root: Path | None = None) -> str:
         return t.uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{((root or Path.cwd()) / 'mlflow.db').resolve()}"
+    return f"sqlite:///{((root or Path.cwd()) / MLFLOW_DB).resolve()}"
 
 
 def setup(t: TrackingParams, root: Path | None = None) -> str:
@@ -32,7 +33,7 @@ def setup(t: TrackingParams, root: Path | None = None) -> str:
     artifacts = None
     if tracking_uri(t, root).startswith("sqlite:"):
         # Keep artifacts beside the database, not in whatever directory the process started in.
-        artifacts = ((root or Path.cwd()) / "mlartifacts").resolve().as_uri()
+        artifacts = ((root or Path.cwd()) / MLFLOW_ARTIFACTS).resolve().as_uri()
     try:
         return client.create_experiment(t.experiment, artifact_location=artifacts)
     except mlflow.exceptions.MlflowException:  # created meanwhile by a parallel process

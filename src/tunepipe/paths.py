@@ -1,0 +1,37 @@
+"""Every path the stages and commands share, relative to the project root (where `dvc repro` runs).
+
+dvc.yaml declares the same paths as deps and outs; keep the two in step.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PARAMS_FILE = Path("params.yaml")
+
+PREPARED = Path("data/prepared")  # prepare: one parquet file per split + meta.json
+PREPARED_META = PREPARED / "meta.json"
+TEST_SPLIT = PREPARED / "test.parquet"
+TOKENIZED = Path("data/tokenized")  # tokenize: a datasets.DatasetDict
+AUGMENTED = Path("data/augmented")  # augment: the same, train split grown
+
+CHECKPOINTS = Path("models/checkpoints")  # finetune: resumable checkpoints (persistent, uncached)
+MODEL = Path("models/model")  # finetune: the best checkpoint, safetensors + tokenizer + TRAINING_INFO
+TRAINING_INFO = "training_info.json"  # the model's own metadata: task, labels, run id, data hashes
+EXPORT = Path("models/onnx")  # export: ONNX fp32 + int8, tokenizer, EXPORT_META
+EXPORT_META = "tunepipe.json"  # the served model's metadata (read by serving/pyfunc_model.py)
+
+REPORTS = Path("reports")
+PLOTS = REPORTS / "plots"
+DATA_REPORT = REPORTS / "data.json"
+TOKENIZE_REPORT = REPORTS / "tokenize.json"
+AUGMENT_REPORT = REPORTS / "augment.json"
+TRAIN_REPORT = REPORTS / "train.json"
+METRICS = REPORTS / "metrics.json"
+EXPORT_REPORT = REPORTS / "export.json"
+SWEEP_REPORTS = REPORTS / "sweep"
+
+# Stores created in the project when params.yaml names none.
+MLFLOW_DB = "mlflow.db"
+MLFLOW_ARTIFACTS = "mlartifacts"
+OPTUNA_DB = "optuna.db"
