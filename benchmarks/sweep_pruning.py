@@ -59,7 +59,8 @@ def main() -> None:
     from tests.conftest import synthetic_rows, tiny_params, write_csv
     from tunepipe.modeling import device_name
     from tunepipe.params import load_params
-    from tunepipe.sweep import default_storage, sweep
+    from tunepipe.sweep.cli import sweep
+    from tunepipe.sweep.study import default_storage
 
     work = Path(tempfile.mkdtemp(prefix="tunepipe-bench-"))
     os.chdir(work)

@@ -19,9 +19,10 @@ import yaml
 from optuna.trial import TrialState
 
 from tests.conftest import REPO, clone_repo, synthetic_rows, write_csv
-from tunepipe import sweep
 from tunepipe.cli import main as cli
 from tunepipe.params import load_params
+from tunepipe.sweep import runner as sweep_runner
+from tunepipe.sweep import study as sweep_study
 
 STUDY = "tunepipe-sweep"
 # Tiny trials: 120 train rows, 2 epochs, an evaluation every 2 steps.
@@ -211,7 +212,7 @@ def test_three_workers_share_one_postgres_study(sweep_project, pg_database):
             p.kill()
     assert codes == [0, 0, 0], "\n".join(p.read_text()[-2000:] for p in logs)
 
-    study = optuna.load_study(study_name="shared", storage=sweep.open_storage(pg_database, 5))
+    study = optuna.load_study(study_name="shared", storage=sweep_study.open_storage(pg_database, 5))
     done = finished(study)
     assert len(done) == 6  # exactly the requested number, across workers
     assert len({t.params["learning_rate"] for t in done}) == 6  # workers did not draw the same trials
@@ -219,13 +220,13 @@ def test_three_workers_share_one_postgres_study(sweep_project, pg_database):
     for t in study.trials:
         if t not in done:
             assert t.state == TrialState.FAIL, t
-            assert t.user_attrs.get(sweep.SURPLUS_ATTR) or sweep.taken_over(study, t.number), t
+            assert t.user_attrs.get(sweep_study.SURPLUS_ATTR) or sweep_runner.taken_over(study, t.number), t
 
     parents = mlflow_runs(root, "tunepipe.sweep.study", "shared")
     assert len(parents) == 3 and {p.info.status for p in parents} == {"FINISHED"}
     runs = mlflow_runs(root, "optuna.study", "shared")
     logged = sorted(int(r.data.tags["optuna.trial_number"]) for r in runs)
-    assert logged == sorted(t.number for t in study.trials if not t.user_attrs.get(sweep.SURPLUS_ATTR))
+    assert logged == sorted(t.number for t in study.trials if not t.user_attrs.get(sweep_study.SURPLUS_ATTR))
     assert {r.data.tags["mlflow.parentRunId"] for r in runs} <= {p.info.run_id for p in parents}
     states = {int(r.data.tags["optuna.trial_number"]): r.data.tags["optuna.trial_state"] for r in runs}
     assert all(states[t.number] == t.state.name.lower() for t in study.trials if t.number in states)
@@ -235,10 +236,10 @@ def test_bad_input_exits_2_and_keeps_the_study(sweep_project, capsys):
     root = sweep_project()
     p = load_params()
     url = storage_of(root)
-    space = sweep.search_space(p.sweep, "macro_f1")
-    setup = sweep.trial_setup(p, json.loads((root / "data/prepared/meta.json").read_text())["data_hash"])
-    study, created, _ = sweep.open_study(sweep.open_storage(url, 1), STUDY, p.sweep, space, setup,
-                                         optuna.pruners.NopPruner())
+    space = sweep_study.search_space(p.sweep, "macro_f1")
+    setup = sweep_study.trial_setup(p, json.loads((root / "data/prepared/meta.json").read_text())["data_hash"])
+    study, created, _ = sweep_study.open_study(sweep_study.open_storage(url, 1), STUDY, p.sweep, space, setup,
+                                               optuna.pruners.NopPruner())
     assert created
     study.add_trial(optuna.trial.create_trial(
         params=GOOD, value=0.5, distributions={
@@ -272,7 +273,7 @@ def test_bad_input_exits_2_and_keeps_the_study(sweep_project, capsys):
 
     after = optuna.load_study(study_name=STUDY, storage=url)
     assert [(t.state, t.params, t.value) for t in after.trials] == [(TrialState.COMPLETE, GOOD, 0.5)]
-    assert after.user_attrs[sweep.SPACE_ATTR] == space and after.user_attrs[sweep.SETUP_ATTR] == setup
+    assert after.user_attrs[sweep_study.SPACE_ATTR] == space and after.user_attrs[sweep_study.SETUP_ATTR] == setup
     assert not (root / "mlflow.db").exists()  # rejected before any run was opened
 
 

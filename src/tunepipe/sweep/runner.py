@@ -1,0 +1,245 @@
+"""Running trials: the objective, the pruning callback, the loop filling the study's slots, dead/interrupted trials."""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+from transformers import PrinterCallback, TrainerCallback
+
+from tunepipe.params import Params, SweepParams
+from tunepipe.sweep.study import (
+    MAX_RETRY,
+    RUN_ATTR,
+    SURPLUS_ATTR,
+    _experimental_ok,
+    _frozen,
+    n_reserved,
+    suggest,
+    trial_counts,
+    trial_params,
+)
+
+
+class SurplusTrial(Exception):
+    """A trial created after the study's slots were all taken by other workers; it is failed unrun."""
+
+
+# ---- one trial ----
+
+class OptunaPruningCallback(TrainerCallback):
+    """Reports the validation metric to the trial at every evaluation and stops the trial when the pruner says so.
+
+    The step is training examples seen (epochs x train size), so trials with different batch sizes are compared
+    after the same amount of data, not the same number of optimizer steps.
+    """
+
+    def __init__(self, trial: optuna.Trial, metric: str, n_train: int):
+        self.trial, self.metric, self.n_train = trial, metric, n_train
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        value = (metrics or {}).get(f"eval_{self.metric}")
+        if value is None:
+            return
+        step = round((state.epoch or 0.0) * self.n_train)
+        self.trial.report(float(value), step)
+        # Pruning at the last evaluation would save nothing and throw away the trial's result.
+        if state.global_step < state.max_steps and self.trial.should_prune():
+            raise optuna.TrialPruned(f"validation {self.metric} {value:.4f} after {step} examples")
+
+
+class Objective:
+    """Trains one trial as finetune would (no checkpoints, temp output dir) in a nested MLflow run."""
+
+    def __init__(self, p: Params, sw: SweepParams, dsd, labels: list[str], target: int, exp_id: str,
+                 parent_run_id: str):
+        from tunepipe.training import headline_metric
+
+        self.p, self.sw, self.dsd, self.labels, self.target = p, sw, dsd, labels, target
+        self.exp_id, self.parent_run_id = exp_id, parent_run_id
+        self.metric = headline_metric(p.task)
+        self.current: int | None = None  # trial number in progress, for Ctrl-C handling
+        self.ran = 0
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        if n_reserved(trial.study, before=trial.number) >= self.target:
+            trial.set_user_attr(SURPLUS_ATTR, True)
+            trial.study.stop()
+            raise SurplusTrial(f"all {self.target} slots are taken by other workers; not run")
+        self.current = trial.number
+        tp = trial_params(self.p, suggest(trial, self.sw))
+        run_id = self._start_run(trial, tp)
+        trial.set_user_attr(RUN_ATTR, run_id)
+        out = tempfile.mkdtemp(prefix=f"tunepipe-trial-{trial.number}-")
+        state, value, trainer = "fail", None, None
+        try:
+            from tunepipe import tracking
+            from tunepipe.training import build_trainer
+
+            trainer = build_trainer(tp, self.dsd, self.labels, out, save_checkpoints=False, callbacks=[
+                tracking.MlflowMetricsCallback(run_id),
+                OptunaPruningCallback(trial, self.metric, len(self.dsd["train"]))])
+            trainer.remove_callback(PrinterCallback)  # per-step log dicts; Optuna prints one line per trial
+            trainer.train()
+            value = trainer.state.best_metric
+            state = "complete"
+            return float(value)
+        except optuna.TrialPruned:
+            state = "pruned"
+            raise
+        except KeyboardInterrupt:
+            state = "killed"
+            raise
+        finally:
+            epochs = float(trainer.state.epoch or 0.0) if trainer else 0.0
+            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):  # failed as stale meanwhile
+                trial.set_user_attr("epochs_run", round(epochs, 4))
+            self._finish_run(run_id, state, value, epochs)
+            shutil.rmtree(out, ignore_errors=True)
+            self.ran += 1
+            del trainer
+
+    def _start_run(self, trial: optuna.Trial, tp: Params) -> str:
+        import mlflow
+
+        from tunepipe import tracking
+
+        client = mlflow.MlflowClient()
+        tags = {"mlflow.parentRunId": self.parent_run_id, "mlflow.runName": f"trial-{trial.number}",
+                "optuna.study": trial.study.study_name, "optuna.trial_number": str(trial.number),
+                "optuna.trial_state": "running", "tunepipe.task": self.p.task}
+        with _experimental_ok():
+            retry_of = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(
+                _frozen(trial.study, trial.number))
+        if retry_of is not None:
+            tags["optuna.retry_of"] = str(retry_of)
+        run = client.create_run(self.exp_id, tags=tags)
+        client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, v[:6000])
+                                                  for k, v in tracking.flat_params(tp).items()])
+        return run.info.run_id
+
+    def _finish_run(self, run_id: str, state: str, value: float | None, epochs: float) -> None:
+        import mlflow
+
+        client = mlflow.MlflowClient()
+        now = int(time.time() * 1000)
+        metrics = [mlflow.entities.Metric("epochs_run", epochs, now, 0)]
+        if value is not None:
+            metrics.append(mlflow.entities.Metric(f"best_val_{self.metric}", float(value), now, 0))
+        tag = mlflow.entities.RunTag("optuna.trial_state", "fail" if state == "killed" else state)
+        client.log_batch(run_id, metrics=metrics, tags=[tag])
+        status = {"complete": "FINISHED", "pruned": "FINISHED", "killed": "KILLED"}.get(state, "FAILED")
+        client.set_terminated(run_id, status)
+
+
+def close_dead_runs(study: optuna.Study) -> None:
+    """MLflow runs of trials whose worker died stay RUNNING; mark them failed once Optuna has failed the trial."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        run_id = t.user_attrs.get(RUN_ATTR)
+        if not run_id:
+            continue
+        try:
+            if client.get_run(run_id).info.status != "RUNNING":
+                continue
+        except mlflow.exceptions.MlflowException:
+            continue  # logged to another tracking store
+        client.set_tag(run_id, "optuna.trial_state", "fail")
+        client.set_terminated(run_id, "FAILED")
+
+
+def taken_over(study: optuna.Study, number: int) -> bool:
+    """Whether another worker failed trial `number` as stale (no heartbeat) and queued a retry of it."""
+    with _experimental_ok():
+        return any(number in optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history(t)
+                   for t in study.get_trials(deepcopy=False))
+
+
+def run_trials(study: optuna.Study, objective: Objective, target: int, timeout: float | None,
+               heartbeat_interval: int) -> None:
+    """Run trials until the study has `target` finished ones (or the timeout passes).
+
+    When every remaining slot is held by a running trial, wait: it belongs to another worker (and will finish) or
+    to a dead process (and is failed and queued again once its heartbeat is stale, then run here).
+    """
+
+    def stop_when_reserved(study: optuna.Study, _trial: FrozenTrial) -> None:
+        if n_reserved(study) >= target:
+            study.stop()
+
+    start, told = time.monotonic(), False
+    while True:
+        with _experimental_ok():
+            optuna.storages.fail_stale_trials(study)
+        c = trial_counts(study)
+        left = None if timeout is None else timeout - (time.monotonic() - start)
+        if c["complete"] + c["pruned"] >= target or (left is not None and left <= 0):
+            return
+        if n_reserved(study) < target or c["waiting"]:
+            try:
+                study.optimize(objective, timeout=left, catch=(SurplusTrial,), callbacks=[stop_when_reserved],
+                               gc_after_trial=True)
+            except Exception:
+                if objective.current is None or not taken_over(study, objective.current):
+                    raise
+                # This worker stalled past the grace period; another one failed the trial and queued it again.
+                print(f"sweep: trial {objective.current} was silent for over {2 * heartbeat_interval}s, so another "
+                      "worker failed it and queued it again; continuing", file=sys.stderr, flush=True)
+            continue
+        if not told:
+            print(f"sweep: waiting for {c['running']} running trial(s): another worker's, or a killed run's "
+                  f"(retried here once silent for {2 * heartbeat_interval}s)", flush=True)
+            told = True
+        poll = min(5.0, heartbeat_interval)
+        time.sleep(poll if left is None else max(0.0, min(poll, left)))
+
+
+def _setup_tracking(p: Params) -> str:
+    """tracking.setup for a worker that may start together with others.
+
+    Concurrent first use of a fresh sqlite store runs MLflow's migrations twice and leaves it broken, so workers
+    on one machine take turns (a lock file in the temp dir); other stores are retried after a failed first touch.
+    """
+    import hashlib
+
+    from filelock import FileLock
+    from sqlalchemy.engine import make_url
+
+    from tunepipe import tracking
+
+    uri = tracking.tracking_uri(p.tracking)
+    lock = None
+    if uri.startswith("sqlite:"):
+        key = hashlib.sha1(str(Path(make_url(uri).database or "").resolve()).encode()).hexdigest()[:16]
+        lock = FileLock(Path(tempfile.gettempdir()) / f"tunepipe-mlflow-{key}.lock")
+    for attempt in range(5):
+        try:
+            if lock is None:
+                return tracking.setup(p.tracking)
+            with lock:
+                return tracking.setup(p.tracking)
+        except Exception:
+            if attempt == 4:
+                raise
+            time.sleep(0.5 + secrets.randbelow(1500) / 1000)
+    raise AssertionError("unreachable")
+
+
+def _requeue_interrupted(study: optuna.Study, number: int | None) -> None:
+    """Ctrl-C fails the running trial; queue it again with the same params, as a dead worker's would be."""
+    if number is None:
+        return
+    trial = _frozen(study, number)
+    if trial is not None and trial.state == TrialState.FAIL:
+        with _experimental_ok():
+            optuna.storages.RetryHeartbeatStaleTrialCallback(MAX_RETRY)(study, trial)
+        print(f"sweep: trial {number} was interrupted; it runs again when the sweep resumes", file=sys.stderr)
