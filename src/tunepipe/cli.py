@@ -71,9 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per text")
     p.set_defaults(func=cmd_predict)
 
-    from tunepipe import registry, sweep
+    from tunepipe import sweep
+    from tunepipe.registry import cli as registry_cli
 
-    for module in (sweep, registry):
+    for module in (sweep, registry_cli):
         module.add_parser(sub)
     return parser
 
