@@ -26,10 +26,11 @@ import yaml
 from sklearn.metrics import accuracy_score, f1_score
 
 from tests.conftest import REPO, synthetic_rows
-from tunepipe import cli, registry
+from tunepipe import cli
 from tunepipe.errors import UserError
 from tunepipe.params import PromoteParams, parse_params
-from tunepipe.significance import entity_metric_on_weights, mcnemar, metric_on_weights, paired_bootstrap_labels
+from tunepipe.registry import decision, evidence, locks, promotion
+from tunepipe.registry.significance import entity_metric_on_weights, mcnemar, metric_on_weights, paired_bootstrap_labels
 
 LABELS = ["negative", "neutral", "positive"]
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
@@ -271,12 +272,12 @@ def test_ner_entity_counts_resample_like_repeated_sentences():
                              "gold_entities": 2, "pred_entities": 2 * right, "correct_entities": 2 * right})
 
     s = PromoteParams(metric="f1", significance=0.05)
-    assert registry.p_value_frames(s, frame(120), frame(80)) < 0.01
-    assert registry.p_value_frames(s, frame(81), frame(80)) > 0.05
-    assert registry.p_value_frames(PromoteParams(metric="f1", significance=0.05, test="mcnemar"), frame(81),
+    assert evidence.p_value_frames(s, frame(120), frame(80)) < 0.01
+    assert evidence.p_value_frames(s, frame(81), frame(80)) > 0.05
+    assert evidence.p_value_frames(PromoteParams(metric="f1", significance=0.05, test="mcnemar"), frame(81),
                                    frame(80)) == pytest.approx(0.5)
     with pytest.raises(UserError, match="bootstrap recomputes f1, precision, recall on NER"):
-        registry.p_value_frames(PromoteParams(metric="macro_f1", significance=0.05), frame(81), frame(80))
+        evidence.p_value_frames(PromoteParams(metric="macro_f1", significance=0.05), frame(81), frame(80))
 
 
 def test_unreachable_significance_level_is_a_params_error():
@@ -296,7 +297,7 @@ def test_unreachable_significance_level_is_a_params_error():
     (0.90, 0.80, True, 0.01, {"significance": 0.05}, True, "p=0.01"),
 ])
 def test_decision_rule(cand, champ, same, p, settings, ok, why):
-    got, reason = registry.decide(PromoteParams(**settings), cand, champ, same, p)
+    got, reason = decision.decide(PromoteParams(**settings), cand, champ, same, p)
     assert got is ok and why in reason
 
 
@@ -414,9 +415,9 @@ def test_promotion_waiting_on_the_lock_judges_against_the_new_champion(reg):
             pass
 
     s = PromoteParams()
-    with registry.promote_lock(reg.client, reg.name):
+    with locks.promote_lock(reg.client, reg.name):
         with contextlib.redirect_stderr(Watch()):
-            t = threading.Thread(target=lambda: result.update(o=registry.promote(reg.client, reg.name, s, v3)))
+            t = threading.Thread(target=lambda: result.update(o=promotion.promote(reg.client, reg.name, s, v3)))
             t.start()
             assert waiting.wait(60)
         # What a concurrent promotion of v2 would do while holding the lock.
@@ -434,7 +435,7 @@ def test_two_concurrent_promote_commands_keep_the_better_one(reg):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     procs, logs = [], []
     # Hold the lock until both commands have decided against v1, so both really race for the alias.
-    with registry.promote_lock(reg.client, reg.name):
+    with locks.promote_lock(reg.client, reg.name):
         for v in (v3, v2):
             logs.append(reg.project / f"promote-{v}.log")
             with open(logs[-1], "w") as fh:
@@ -560,13 +561,13 @@ def test_postgres_advisory_lock_serialises_promotions():
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(f"{PG}/test")  # no MLflow store is opened: the lock only needs the database
     try:
-        with registry.promote_lock(None, "model-a"):
+        with locks.promote_lock(None, "model-a"):
             with pytest.raises(UserError, match="advisory lock"):
-                with registry.promote_lock(None, "model-a", timeout=0.5):
+                with locks.promote_lock(None, "model-a", timeout=0.5):
                     pass
-            with registry.promote_lock(None, "model-b", timeout=0.5):  # other models are not blocked
+            with locks.promote_lock(None, "model-b", timeout=0.5):  # other models are not blocked
                 pass
-        with registry.promote_lock(None, "model-a", timeout=0.5):  # released
+        with locks.promote_lock(None, "model-a", timeout=0.5):  # released
             pass
     finally:
         mlflow.set_tracking_uri(previous)
@@ -596,10 +597,10 @@ def test_promotion_against_a_tracking_server_with_postgres(tmp_path, monkeypatch
                 assert reg.cli("promote")[0] == 0 and reg.champion() == v2
                 assert float(reg.tags(v2)["promote.p_value"]) < 0.05 and reg.tags(v2)["champion.previous"] == str(v1)
                 # The server's lock is an entry in the registry; a second holder waits, then gives up.
-                with registry.promote_lock(reg.client, reg.name):
+                with locks.promote_lock(reg.client, reg.name):
                     assert reg.client.get_registered_model(f"{reg.name}.promote-lock")
                     with pytest.raises(UserError, match="registry lock"):
-                        with registry.promote_lock(reg.client, reg.name, timeout=1):
+                        with locks.promote_lock(reg.client, reg.name, timeout=1):
                             pass
                 assert not reg.client.search_registered_models(f"name = '{reg.name}.promote-lock'")
                 assert reg.cli("promote", "--rollback")[0] == 0 and reg.champion() == v1

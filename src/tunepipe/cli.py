@@ -71,10 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per text")
     p.set_defaults(func=cmd_predict)
 
-    from tunepipe import registry
+    from tunepipe.registry import cli as registry_cli
     from tunepipe.sweep import cli as sweep_cli
 
-    for module in (sweep_cli, registry):
+    for module in (sweep_cli, registry_cli):
         module.add_parser(sub)
     return parser
 
