@@ -1,77 +1,16 @@
-"""Stage augment: label-preserving augmentation of the train split only; validation/test pass through.
-
-Methods work on token ids (after tokenize), so they are tokenizer-agnostic and cheap:
-- token_mask: each non-special token becomes the mask token with probability p;
-- random_deletion: each non-special token is dropped with probability p (at least one is kept);
-- span_cutoff: one contiguous span of ~p of the tokens is removed.
-"""
+"""Stage augment: label-preserving augmentation of the train split only (the task's methods); validation and
+test pass through. Writes data/augmented and reports/augment.json."""
 
 from __future__ import annotations
 
 import datasets
-import numpy as np
 
-from tunepipe.errors import UserError, run_main
+from tunepipe.errors import run_main
 from tunepipe.files import atomic_dir, write_json
-from tunepipe.modeling import load_tokenizer
-from tunepipe.params import AugmentParams, load_params
+from tunepipe.params import load_params
 from tunepipe.paths import AUGMENT_REPORT, AUGMENTED, TOKENIZED
 from tunepipe.progress import say
-
-
-def augment_ids(ids: list[int], method: str, p: float, rng: np.random.Generator, special: set[int],
-                mask_id: int | None) -> list[int]:
-    """One augmented copy of a token-id sequence; special tokens ([CLS], [SEP]) stay where they are."""
-    body = [i for i, t in enumerate(ids) if t not in special]
-    if not body:
-        return list(ids)
-    if method == "token_mask":
-        hit = rng.random(len(body)) < p
-        out = list(ids)
-        for pos, h in zip(body, hit, strict=True):
-            if h:
-                out[pos] = mask_id
-        return out
-    if method == "random_deletion":
-        drop = set(np.asarray(body)[rng.random(len(body)) < p].tolist())
-        if len(drop) == len(body):
-            drop.discard(body[int(rng.integers(len(body)))])
-        return [t for i, t in enumerate(ids) if i not in drop]
-    if method == "span_cutoff":
-        span = max(1, round(p * len(body)))
-        if span >= len(body):
-            span = len(body) - 1
-        if span <= 0:
-            return list(ids)
-        start = int(rng.integers(0, len(body) - span + 1))
-        cut = set(body[start:start + span])
-        return [t for i, t in enumerate(ids) if i not in cut]
-    raise ValueError(f"unknown augmentation method {method}")
-
-
-def augment_train(train: datasets.Dataset, a: AugmentParams, special: set[int], mask_id: int | None
-                  ) -> datasets.Dataset:
-    """Train plus round(ratio * len) augmented copies of randomly chosen examples, same labels."""
-    n_new = round(a.ratio * len(train))
-    if a.method == "none" or n_new == 0:
-        return train
-    rng = np.random.default_rng(a.seed)
-    sources = rng.choice(len(train), size=n_new, replace=n_new > len(train))
-    picked = train.select(sources.tolist())
-    rows = {"input_ids": [augment_ids(ids, a.method, a.probability, rng, special, mask_id)
-                          for ids in picked["input_ids"]]}
-    for col in picked.column_names:
-        if col == "input_ids":
-            continue
-        if col in ("attention_mask", "token_type_ids"):
-            fill = 1 if col == "attention_mask" else 0
-            rows[col] = [[fill] * len(ids) for ids in rows["input_ids"]]
-        elif col == "length":
-            rows[col] = [len(ids) for ids in rows["input_ids"]]
-        else:
-            rows[col] = picked[col]
-    added = datasets.Dataset.from_dict(rows, features=train.features)
-    return datasets.concatenate_datasets([train, added])
+from tunepipe.tasks import get_task
 
 
 def main() -> None:
@@ -79,16 +18,7 @@ def main() -> None:
     datasets.disable_caching()  # cache files would land inside upstream outputs and dirty them for DVC
     p = load_params()
     dsd = datasets.load_from_disk(str(TOKENIZED))
-    if p.task == "ner":
-        from tunepipe.ner_data import augment_ner
-
-        train = augment_ner(dsd["train"], p)
-    else:
-        tokenizer = load_tokenizer(p.model.name)
-        if p.augment.method == "token_mask" and tokenizer.mask_token_id is None:
-            raise UserError(f"augment.method: token_mask needs a mask token and '{p.model.name}' has none; "
-                            "use random_deletion or span_cutoff")
-        train = augment_train(dsd["train"], p.augment, set(tokenizer.all_special_ids), tokenizer.mask_token_id)
+    train = get_task(p.task).augment(dsd["train"], p)
     out = datasets.DatasetDict({"train": train, "validation": dsd["validation"], "test": dsd["test"]})
     with atomic_dir(AUGMENTED) as tmp:
         out.save_to_disk(str(tmp))

@@ -15,14 +15,17 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, clone_repo, commit_all, sh, tiny_params
-from tunepipe import ner_data
 from tunepipe.errors import UserError
 from tunepipe.files import read_json
-from tunepipe.ner_data import IGNORED, align_labels, detect_and_validate, read_conll
-from tunepipe.ner_eval import entity_confusion
-from tunepipe.ner_metrics import entity_scores, ner_metrics, per_type
 from tunepipe.params import parse_params
 from tunepipe.serving.pyfunc_model import split_words, tag_spans
+from tunepipe.tasks.ner import augment as ner_augment
+from tunepipe.tasks.ner import scheme as ner_scheme
+from tunepipe.tasks.ner.data import read_conll
+from tunepipe.tasks.ner.encode import IGNORED, align_labels
+from tunepipe.tasks.ner.evaluate import entity_confusion
+from tunepipe.tasks.ner.metrics import entity_scores, ner_metrics, per_type
+from tunepipe.tasks.ner.scheme import detect_and_validate
 
 SHARED_CONLL = REPO.parent / "shared/data/conll2003"
 
@@ -150,7 +153,7 @@ def test_scheme_detection(tmp_path):
     assert found("John B-PER\nSmith I-PER\nsaid O\n") == "IOB2"
     assert found("John I-PER\nSmith I-PER\nMary B-PER\n") == "IOB1"
     assert found("John B-PER\nSmith E-PER\nin O\nParis S-LOC\n") == "BIOES"
-    assert ner_data.iob1_to_iob2(["I-PER", "I-PER", "B-PER", "O", "I-LOC", "I-ORG"]) == [
+    assert ner_scheme.iob1_to_iob2(["I-PER", "I-PER", "B-PER", "O", "I-LOC", "I-ORG"]) == [
         "B-PER", "I-PER", "B-PER", "O", "B-LOC", "B-ORG"]
 
 
@@ -334,7 +337,7 @@ def test_entity_swap_keeps_tags_aligned(ner_project):
     changed = 0
     for row in train.select(range(40, 80)):
         tags = [names[i] for i in row["tags"]]
-        spans = ner_data.entity_spans(tags)
+        spans = ner_scheme.entity_spans(tags)
         assert spans and len(tags) == len(row["tokens"])
         for kind, a, b in spans:  # every mention is a whole mention of the same type
             assert tuple(row["tokens"][a:b]) in mentions[kind]
@@ -347,16 +350,16 @@ def test_entity_swap_keeps_tags_aligned(ner_project):
 def test_token_mask_masks_only_outside_words():
     rng = np.random.default_rng(0)
     toks, tags = ["John", "Smith", "went", "to", "Paris", "today"], ["B-PER", "I-PER", "O", "O", "B-LOC", "O"]
-    out, out_tags = ner_data.mask_outside(toks, tags, 0.99, "[MASK]", rng)
+    out, out_tags = ner_augment.mask_outside(toks, tags, 0.99, "[MASK]", rng)
     assert out_tags == tags and out == ["John", "Smith", "[MASK]", "[MASK]", "Paris", "[MASK]"]
-    out, _ = ner_data.mask_outside(toks, tags, 0.01, "[MASK]", rng)
+    out, _ = ner_augment.mask_outside(toks, tags, 0.01, "[MASK]", rng)
     assert out.count("[MASK]") == 1  # at least one word changes
 
 
 def test_augment_refuses_methods_that_break_alignment():
     p = parse_params({"task": "ner", "augment": {"method": "random_deletion", "ratio": 0.5}})
     with pytest.raises(UserError, match="augment.method: random_deletion is not available for task: ner"):
-        ner_data.augment_ner(datasets.Dataset.from_dict({"x": [1]}), p)
+        ner_augment.augment(datasets.Dataset.from_dict({"x": [1]}), p)
 
 
 # --- metrics, confusion, spans -------------------------------------------------------------------------------

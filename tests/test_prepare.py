@@ -10,11 +10,16 @@ import pandas as pd
 import pytest
 import yaml
 
-from stages.prepare import prepare_classification
 from tests.conftest import REPO, synthetic_rows, write_csv
-from tunepipe import data
 from tunepipe.errors import UserError
 from tunepipe.params import parse_params
+from tunepipe.tasks import get_task
+from tunepipe.tasks.classification import data
+
+
+def prepare_classification(p):
+    prepared = get_task("classification").prepare(p)
+    return prepared.splits, prepared.report
 
 
 def params(**data_overrides):

@@ -29,8 +29,9 @@ from tests.conftest import REPO, synthetic_rows
 from tunepipe import cli
 from tunepipe.errors import UserError
 from tunepipe.params import PromoteParams, parse_params
-from tunepipe.registry import decision, evidence, locks, promotion
+from tunepipe.registry import decision, locks, promotion
 from tunepipe.registry.significance import entity_metric_on_weights, mcnemar, metric_on_weights, paired_bootstrap_labels
+from tunepipe.tasks import get_task
 
 LABELS = ["negative", "neutral", "positive"]
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
@@ -51,7 +52,7 @@ def onnx_exports(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
     from onnx import numpy_helper
     from transformers import AutoTokenizer, BertForSequenceClassification
 
-    from stages.export import export_onnx
+    from tunepipe.exporting import export_onnx
 
     root = tmp_path_factory.mktemp("exports")
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -89,7 +90,7 @@ class Store:
 @pytest.fixture(scope="session")
 def store(onnx_exports, tmp_path_factory) -> Store:
     """One sqlite tracking store; the two constant models logged once, registered by tests under fresh names."""
-    from stages.export import PYFUNC_CODE
+    from tunepipe.serving import PYFUNC_CODE
 
     root = tmp_path_factory.mktemp("mlflow")
     uri = f"sqlite:///{root}/mlflow.db"
@@ -272,12 +273,12 @@ def test_ner_entity_counts_resample_like_repeated_sentences():
                              "gold_entities": 2, "pred_entities": 2 * right, "correct_entities": 2 * right})
 
     s = PromoteParams(metric="f1", significance=0.05)
-    assert evidence.p_value_frames(s, frame(120), frame(80)) < 0.01
-    assert evidence.p_value_frames(s, frame(81), frame(80)) > 0.05
-    assert evidence.p_value_frames(PromoteParams(metric="f1", significance=0.05, test="mcnemar"), frame(81),
+    assert get_task("ner").paired_p_value(s, frame(120), frame(80)) < 0.01
+    assert get_task("ner").paired_p_value(s, frame(81), frame(80)) > 0.05
+    assert get_task("ner").paired_p_value(PromoteParams(metric="f1", significance=0.05, test="mcnemar"), frame(81),
                                    frame(80)) == pytest.approx(0.5)
     with pytest.raises(UserError, match="bootstrap recomputes f1, precision, recall on NER"):
-        evidence.p_value_frames(PromoteParams(metric="macro_f1", significance=0.05), frame(81), frame(80))
+        get_task("ner").paired_p_value(PromoteParams(metric="macro_f1", significance=0.05), frame(81), frame(80))
 
 
 def test_unreachable_significance_level_is_a_params_error():
@@ -501,14 +502,13 @@ def test_models_lists_versions_and_lineage(reg):
 
 def test_serve_and_predict_the_champion_registered_by_export(reg, onnx_exports, monkeypatch):
     """The export stage's own register(), then promote, lineage, `mlflow models serve`, `tunepipe predict`."""
-    from stages import export
     from tunepipe import tracking
 
     p = parse_params({"tracking": {"uri": reg.uri, "experiment": "tunepipe", "model_name": reg.name}})
     run_id = reg.client.create_run(reg.experiment_id).info.run_id
     info = {"task": "classification", "data_hash": "d" * 64, "test_data_hash": "t" * 64}
     monkeypatch.chdir(REPO)  # git commit of this repository, as `dvc repro` records it
-    reg_out = export.register(p, run_id, onnx_exports["random"], info, {"macro_f1": 0.5, "accuracy": 0.6}, {})
+    reg_out = tracking.register(p, run_id, onnx_exports["random"], info, {"macro_f1": 0.5, "accuracy": 0.6}, {})
     commit = tracking.git_commit()
     monkeypatch.chdir(reg.project)
     assert reg.cli("promote")[0] == 0 and reg.champion() == reg_out["version"]

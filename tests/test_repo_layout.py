@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import ast
+import json
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
 from ruamel.yaml import YAML
 
-from tests.conftest import REPO
+from tests.conftest import REPO, clone_repo, sh
 
 pytestmark = pytest.mark.skipif(not (REPO / ".git").exists(), reason="needs the git checkout of the repository")
 
@@ -73,3 +77,74 @@ def test_committed_baseline_is_a_run_of_the_committed_params():
         assert path in tracked, f"{path} (cache: false) should be committed with dvc.lock"
     assert not [p for p in tracked if p.startswith("reports/") and p not in uncached and not p.endswith(".gitkeep")], \
         "reports/ holds files no stage writes"
+
+
+# ---- dvc.yaml code deps follow the imports ----
+
+SRC = REPO / "src"
+# The Task methods each stage calls live in these modules of every task folder (tasks/<name>/<module>.py).
+STAGE_TASK_MODULES = {"prepare": ["data"], "tokenize": ["encode"], "augment": ["augment"], "finetune": ["metrics"],
+                      "evaluate": ["evaluate"], "export": []}
+# Files a stage reads without importing them.
+READ_FILES = {"export": ["src/tunepipe/serving/pyfunc_model.py"]}  # logged as the registered model's code
+
+
+def _module_file(name: str) -> Path | None:
+    path = SRC / Path(*name.split("."))
+    for candidate in (path / "__init__.py", path.with_suffix(".py")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _imports(path: Path) -> set[Path]:
+    """tunepipe modules `path` imports at load time (module level; function-level imports serve other commands
+    and TYPE_CHECKING blocks nothing), parent packages included."""
+    names = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("tunepipe"):
+            names |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
+        elif isinstance(node, ast.Import):
+            names |= {a.name for a in node.names if a.name.startswith("tunepipe")}
+    parts = [n.split(".") for n in names]
+    return {f for p in parts for i in range(1, len(p) + 1) if (f := _module_file(".".join(p[:i])))}
+
+
+def _closure(starts: list[Path]) -> set[str]:
+    seen, todo = set(), list(starts)
+    while todo:
+        f = todo.pop()
+        if f not in seen:
+            seen.add(f)
+            todo += _imports(f)
+    return {str(f.relative_to(REPO)) for f in seen}
+
+
+def test_dvc_yaml_code_deps_are_exactly_what_each_stage_imports():
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    tasks = sorted(p.name for p in (SRC / "tunepipe/tasks").iterdir() if (p / "__init__.py").is_file())
+    assert set(stages) == set(STAGE_TASK_MODULES)
+    for name, stage in stages.items():
+        module = stage["cmd"].removeprefix("python -m ").replace(".", "/") + ".py"
+        starts = [REPO / module] + [SRC / f"tunepipe/tasks/{t}/{m}.py" for t in tasks
+                                    for m in ["__init__", *STAGE_TASK_MODULES[name]]]
+        expected = _closure(starts) | set(READ_FILES.get(name, []))
+        declared = {d for d in stage["deps"] if d.startswith(("stages/", "src/"))}
+        assert declared == expected, (f"dvc.yaml stage {name}: missing {sorted(expected - declared)}, "
+                                      f"not imported {sorted(declared - expected)}")
+
+
+@pytest.mark.parametrize("edited, reruns", [
+    ("src/tunepipe/exporting.py", {"export"}),  # a shared module
+    ("src/tunepipe/plots.py", {"finetune", "evaluate"}),
+    ("src/tunepipe/tasks/classification/augment.py", {"augment"}),  # a task module
+])
+def test_editing_a_module_reruns_the_stages_that_import_it_and_no_other(tmp_path, edited, reruns):
+    """Against the committed dvc.lock: `dvc status` names the edited file as a changed dep of exactly these."""
+    repo = clone_repo(tmp_path / "repo")
+    with open(repo / edited, "a") as fh:
+        fh.write("# edited\n")
+    res = sh([sys.executable, "-m", "dvc", "status", "--json"], repo)
+    changed = {stage for stage, entries in json.loads(res.stdout).items() for e in entries if isinstance(e, dict)
+               and edited in e.get("changed deps", {})}
+    assert changed == reruns

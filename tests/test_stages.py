@@ -14,11 +14,11 @@ from transformers import TrainerCallback
 
 from stages import augment, evaluate, export, finetune, prepare
 from stages import tokenization as tokenize
-from stages.augment import augment_ids
 from tunepipe import modeling, progress
 from tunepipe.errors import UserError
 from tunepipe.files import read_json
 from tunepipe.params import load_params
+from tunepipe.tasks.classification.augment import augment_ids
 
 
 def run_front(root: Path) -> datasets.DatasetDict:
@@ -207,15 +207,15 @@ def test_same_params_and_seed_give_the_same_metrics(project):
 
 def test_hf_source_path_loads_a_local_dataset_folder(project):
     """hf:NAME goes through datasets.load_dataset; a local folder exercises the same call offline."""
-    from stages.prepare import prepare_classification
     from tests.conftest import synthetic_rows, write_csv
     from tunepipe.params import parse_params
+    from tunepipe.tasks import get_task
 
     root = project()
     rows = synthetic_rows(200)
     write_csv(root / "hub/train.csv", rows[:150])
     write_csv(root / "hub/test.csv", rows[150:])
-    splits, report = prepare_classification(parse_params({"data": {"source": f"hf:{root / 'hub'}"}}))
+    splits = get_task("classification").prepare(parse_params({"data": {"source": f"hf:{root / 'hub'}"}})).splits
     assert len(splits["test"]) == 50  # the source's own test split is kept
     assert len(splits["train"]) + len(splits["validation"]) == 150
 

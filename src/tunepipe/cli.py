@@ -13,10 +13,12 @@ from pathlib import Path
 
 from tunepipe.errors import UserError, run_main
 from tunepipe.paths import EXPORT, EXPORT_META
+from tunepipe.tasks import get_task
 
 
 def load_predictor(model: str, params_file: str):
-    """A path to an export directory, or an MLflow model URI (models:/NAME@champion, runs:/...)."""
+    """A path to an export directory, or an MLflow model URI (models:/NAME@champion, runs:/...) -> (the task named
+    in the model's own metadata, a predict function)."""
     if "://" not in model and ":/" not in model:
         path = Path(model)
         if not (path / EXPORT_META).is_file():
@@ -24,7 +26,8 @@ def load_predictor(model: str, params_file: str):
                             "run `dvc repro` first or pass models:/NAME@champion")
         from tunepipe.serving.pyfunc_model import TextPredictor
 
-        return TextPredictor(path).predict
+        predictor = TextPredictor(path)
+        return predictor.task, predictor.predict
     import mlflow
 
     from tunepipe import tracking
@@ -40,23 +43,19 @@ def load_predictor(model: str, params_file: str):
     def predict(texts: list[str]) -> list[dict]:
         return pyfunc.predict(texts).to_dict(orient="records")
 
-    return predict
+    return pyfunc.unwrap_python_model().predictor.task, predict
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
     texts = args.text or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not texts:
         raise UserError("predict: give one or more texts as arguments or on standard input")
-    results = load_predictor(args.model, args.params)(texts)
-    for text, res in zip(texts, results, strict=True):
+    task, predict = load_predictor(args.model, args.params)
+    for text, res in zip(texts, predict(texts), strict=True):
         if args.json:
             print(json.dumps({"text": text, **res}, ensure_ascii=False))
-        elif "entities" in res:
-            ents = ", ".join(f"{e['text']} [{e['type']}] {e['score']:.2f}" for e in res["entities"]) or "(none)"
-            print(f"{text}\n  entities: {ents}")
         else:
-            probs = "  ".join(f"{k}={v:.3f}" for k, v in res["probabilities"].items())
-            print(f"{res['label']}\t{res['score']:.3f}\t{probs}\t{text}")
+            print(get_task(task).describe_prediction(text, res))
 
 
 def build_parser() -> argparse.ArgumentParser:

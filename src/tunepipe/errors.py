@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
+from tunepipe.progress import quiet_libraries
+
 
 class UserError(Exception):
     """A mistake the user can fix (bad params, bad input file). Printed as one line, exit code 2."""
@@ -12,8 +14,6 @@ class UserError(Exception):
 
 def run_main(main: Callable[[], object]) -> None:
     """Run a stage or CLI entry point, turning UserError into `error: ...` on stderr and exit 2."""
-    from tunepipe.progress import quiet_libraries
-
     quiet_libraries()
     try:
         main()

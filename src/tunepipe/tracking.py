@@ -1,15 +1,19 @@
-"""MLflow glue: where runs go, one run shared by finetune/evaluate/export, and metric logging from Trainer."""
+"""MLflow glue: where runs go, one run shared by finetune/evaluate/export, metric logging from Trainer, and the
+registration of each exported model."""
 
 from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 from transformers import TrainerCallback
 
 from tunepipe.params import Params, TrackingParams
 from tunepipe.paths import MLFLOW_ARTIFACTS, MLFLOW_DB
+from tunepipe.serving import PYFUNC_CODE
+from tunepipe.tasks import get_task
 
 
 def tracking_uri(t: TrackingParams, root: Path | None = None) -> str:
@@ -78,8 +82,6 @@ class MlflowMetricsCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
-        import time
-
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
@@ -91,3 +93,66 @@ class MlflowMetricsCallback(TrainerCallback):
             metrics.append(Metric(name, float(value), now, state.global_step))
         if metrics:
             self.client.log_batch(self.run_id, metrics=metrics, synchronous=True)
+
+
+def start_training_run(p: Params, run_id: str | None, meta: dict, fp: str, device: str, precision: str) -> str:
+    """finetune's MLflow run (or the interrupted one it resumes), tagged with the data, code and hardware."""
+    import mlflow
+
+    exp_id = setup(p.tracking)
+    client = mlflow.MlflowClient()
+    if run_id:
+        try:
+            client.get_run(run_id)
+            return run_id
+        except mlflow.exceptions.MlflowException:
+            pass  # the tracking store was reset meanwhile: start a new run
+    run = client.create_run(exp_id, tags={
+        "tunepipe.git_commit": git_commit() or "unknown",
+        "tunepipe.data_hash": meta["data_hash"],
+        "tunepipe.test_data_hash": meta["hashes"]["test"],
+        "tunepipe.fingerprint": fp,
+        "tunepipe.task": p.task,
+        "tunepipe.device": device,
+        "tunepipe.precision": precision,
+        "mlflow.runName": f"repro-{time.strftime('%Y%m%d-%H%M%S')}",
+    })
+    client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, v[:6000])
+                                              for k, v in flat_params(p).items()])
+    return run.info.run_id
+
+
+def register(p: Params, run_id: str, onnx_dir: Path, info: dict, metrics: dict, parity_report: dict) -> dict:
+    """Log the served model (pyfunc from code, the ONNX export as its artifact) on the run and register it as a new
+    version of tracking.model_name, tagged with what it was trained and scored on."""
+    import json
+
+    import mlflow
+
+
+    setup(p.tracking)
+    example = ["what a great flight", "the service was awful"]
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_metrics({k: float(v) for k, v in parity_report.items() if isinstance(v, int | float)})
+        logged = mlflow.pyfunc.log_model(
+            name="model", python_model=str(PYFUNC_CODE), artifacts={"model_dir": str(onnx_dir)},
+            input_example=example, registered_model_name=p.tracking.model_name,
+            pip_requirements=["onnxruntime", "transformers", "pandas", "numpy", "mlflow"])
+    client = mlflow.MlflowClient()
+    version = logged.registered_model_version
+    tags = {
+        "git_commit": git_commit() or "unknown",
+        "data_hash": info["data_hash"],
+        "test_data_hash": info["test_data_hash"],
+        "run_id": run_id,
+        "task": info["task"],
+        "params": json.dumps(p.model_dump(exclude={"sweep", "promote"}), sort_keys=True),
+        "metrics": json.dumps({k: v for k, v in metrics.items() if isinstance(v, int | float)}, sort_keys=True),
+        "headline_metric": get_task(info["task"]).headline_metric,
+    }
+    for k, v in metrics.items():
+        if isinstance(v, int | float):
+            tags[f"metric.{k}"] = repr(float(v))
+    for k, v in tags.items():
+        client.set_model_version_tag(p.tracking.model_name, str(version), k, v)
+    return {"model_name": p.tracking.model_name, "version": int(version), "model_uri": logged.model_uri}

@@ -1,44 +1,30 @@
-"""The training loop shared by the finetune stage and sweeps: HF Trainer with early stopping on validation.
+"""The training loop shared by the finetune stage and sweeps: HF Trainer with early stopping on validation, and
+what makes an interrupted run resumable.
 
 One function builds the Trainer from params, so a sweep trial trains exactly as `dvc repro` does.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
+from pathlib import Path
 
 import datasets
-import numpy as np
 import torch
 import transformers
-from sklearn.metrics import accuracy_score, f1_score
-from transformers import (
-    DataCollatorWithPadding,
-    EarlyStoppingCallback,
-    PrinterCallback,
-    Trainer,
-    TrainerCallback,
-    TrainingArguments,
-)
+from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
+from tunepipe.files import read_json
 from tunepipe.modeling import build_model, load_tokenizer, pick_precision
 from tunepipe.params import Params
 from tunepipe.progress import Progress
+from tunepipe.tasks import get_task
 
 
-def headline_metric(task: str) -> str:
-    """Validation metric early stopping and model selection watch (entity-level F1 for NER)."""
-    return "f1" if task == "ner" else "macro_f1"
-
-
-def classification_metrics(eval_pred) -> dict[str, float]:
-    logits, labels = eval_pred
-    preds = np.asarray(logits).argmax(-1)
-    return {"accuracy": float(accuracy_score(labels, preds)),
-            "macro_f1": float(f1_score(labels, preds, average="macro"))}
-
-
-def training_arguments(p: Params, output_dir: str, precision: str, save_checkpoints: bool = True) -> TrainingArguments:
+def training_arguments(p: Params, metric: str, output_dir: str, precision: str, save_checkpoints: bool = True
+                       ) -> TrainingArguments:
     """save_checkpoints=False (sweep trials): no checkpoint writes; best_metric and early stopping still work."""
     ft = p.finetune
     return TrainingArguments(
@@ -58,7 +44,7 @@ def training_arguments(p: Params, output_dir: str, precision: str, save_checkpoi
         save_steps=ft.eval_steps,
         save_total_limit=2,  # the best checkpoint is always kept on top of these
         load_best_model_at_end=save_checkpoints,
-        metric_for_best_model=headline_metric(p.task),
+        metric_for_best_model=metric,
         greater_is_better=True,
         logging_steps=max(1, ft.eval_steps // 4),
         logging_first_step=True,
@@ -80,30 +66,22 @@ def training_arguments(p: Params, output_dir: str, precision: str, save_checkpoi
 
 def build_trainer(p: Params, dsd: datasets.DatasetDict, labels: list[str], output_dir: str,
                   callbacks: list[TrainerCallback] = (), save_checkpoints: bool = True) -> Trainer:
+    """The task (params' `task`) gives the head, the collator and the validation metrics; the rest is shared."""
+    task = get_task(p.task)
     transformers.set_seed(p.finetune.seed)  # the fresh head's init depends on it too
     tokenizer = load_tokenizer(p.model.name)
-    model = build_model(p.model.name, labels, p.finetune, task=p.task)
+    model = build_model(p.model.name, labels, p.finetune, task)
     precision = pick_precision(p.finetune.precision)
-    if p.task == "ner":
-        from transformers import DataCollatorForTokenClassification
-
-        from tunepipe.ner_metrics import ner_metrics
-
-        collator = DataCollatorForTokenClassification(tokenizer)
-        compute = ner_metrics(labels)
-    else:
-        collator = DataCollatorWithPadding(tokenizer)
-        compute = classification_metrics
     trainer = Trainer(
         model=model,
-        args=training_arguments(p, output_dir, precision, save_checkpoints),
+        args=training_arguments(p, task.headline_metric, output_dir, precision, save_checkpoints),
         train_dataset=dsd["train"],
         eval_dataset=dsd["validation"],
         processing_class=tokenizer,
-        data_collator=collator,
-        compute_metrics=compute,
+        data_collator=task.collator(tokenizer),
+        compute_metrics=task.compute_metrics(labels),
         callbacks=[EarlyStoppingCallback(early_stopping_patience=p.finetune.early_stopping_patience),
-                   TrainerProgress(headline_metric(p.task)), *callbacks],
+                   TrainerProgress(task.headline_metric), *callbacks],
     )
     trainer.remove_callback(PrinterCallback)  # it prints every log as a Python dict
     return trainer
@@ -114,6 +92,24 @@ def history_curves(log_history: list[dict], metric: str) -> tuple[list[dict], li
     loss = [{"step": h["step"], "loss": h["loss"]} for h in log_history if "loss" in h]
     val = [{"step": h["step"], metric: h[f"eval_{metric}"]} for h in log_history if f"eval_{metric}" in h]
     return loss, val
+
+
+def fingerprint(p: Params, data_hash: str) -> str:
+    """What makes checkpoints reusable: the same data and every param that shapes training."""
+    keys = {k: v for k, v in p.model_dump().items() if k in ("task", "model", "tokenize", "augment", "finetune")}
+    return hashlib.sha256(json.dumps([keys, data_hash], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def resumable_checkpoint(ckpt_dir: Path, fp: str) -> tuple[str | None, str | None]:
+    """(latest checkpoint, its MLflow run id) if an interrupted run with this fingerprint left one."""
+    state_file = ckpt_dir / "state.json"
+    if state_file.is_file():
+        state = read_json(state_file)
+        ckpts = sorted(ckpt_dir.glob("checkpoint-*"), key=lambda d: int(d.name.split("-")[1]))
+        ckpts = [c for c in ckpts if (c / "trainer_state.json").is_file()]  # skip half-written ones
+        if state.get("fingerprint") == fp and state.get("status") == "running" and ckpts:
+            return str(ckpts[-1]), state.get("run_id")
+    return None, None
 
 
 class TrainerProgress(TrainerCallback):

@@ -83,7 +83,7 @@ def sweep(p: Params, sw: SweepParams, url: str, params_file: str | Path = PARAMS
     import transformers
 
     from tunepipe import tracking
-    from tunepipe.training import headline_metric
+    from tunepipe.tasks import get_task
 
     # Everything the user can get wrong is checked before the study or MLflow is touched.
     if not (AUGMENTED / "dataset_dict.json").is_file() or not PREPARED_META.is_file():
@@ -91,7 +91,7 @@ def sweep(p: Params, sw: SweepParams, url: str, params_file: str | Path = PARAMS
     dsd, meta = datasets.load_from_disk(str(AUGMENTED)), read_json(PREPARED_META)
     labels = meta["labels"]
     check_evaluated(p, sw, len(dsd["train"]))
-    metric = headline_metric(p.task)
+    metric = get_task(p.task).headline_metric
     storage = open_storage(url, sw.heartbeat_interval)
     first_eval = min(len(dsd["train"]) * p.finetune.epochs, p.finetune.eval_steps * min(sw.batch_size))
     study, created, seed = open_study(storage, sw.study, sw, search_space(sw, metric),

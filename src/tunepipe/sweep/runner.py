@@ -60,11 +60,11 @@ class Objective:
 
     def __init__(self, p: Params, sw: SweepParams, dsd, labels: list[str], target: int, exp_id: str,
                  parent_run_id: str):
-        from tunepipe.training import headline_metric
+        from tunepipe.tasks import get_task
 
         self.p, self.sw, self.dsd, self.labels, self.target = p, sw, dsd, labels, target
         self.exp_id, self.parent_run_id = exp_id, parent_run_id
-        self.metric = headline_metric(p.task)
+        self.metric = get_task(p.task).headline_metric
         self.current: int | None = None  # trial number in progress, for Ctrl-C handling
         self.ran = 0
 

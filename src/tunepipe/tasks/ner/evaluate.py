@@ -1,4 +1,4 @@
-"""NER evaluation on the test split: word-level predictions, seqeval entity metrics, an entity confusion view.
+"""NER evaluate: the test split: word-level predictions, seqeval entity metrics, an entity confusion view.
 
 Every test word is scored: a word cut off by truncation (or one the tokenizer drops) is predicted O, so the
 metrics never silently skip part of the test set.
@@ -16,9 +16,11 @@ import torch
 from seqeval.scheme import Entities
 
 from tunepipe.files import write_text
-from tunepipe.ner_metrics import entity_scores, per_type, seqeval_scheme, text_report
 from tunepipe.plots import plot_confusion
 from tunepipe.progress import Progress
+from tunepipe.tasks import Evaluation
+from tunepipe.tasks.ner.metrics import entity_scores, per_type, text_report
+from tunepipe.tasks.ner.scheme import seqeval_scheme
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -86,12 +88,7 @@ def predictions_csv(tokens: list[list[str]], y_true: list[list[str]], y_pred: li
     return buf.getvalue()
 
 
-def evaluate_ner(model_dir: Path, test: datasets.Dataset, labels: list[str], reports: Path
-                 ) -> tuple[dict, list[Path]]:
-    from transformers import AutoModelForTokenClassification, AutoTokenizer
-
-    model = AutoModelForTokenClassification.from_pretrained(model_dir, trust_remote_code=False).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+def evaluate(model, tokenizer, test: datasets.Dataset, labels: list[str], reports: Path) -> Evaluation:
     names = test.features["tags"].feature.names
     y_true = [[names[i] for i in row] for row in test["tags"]]
     y_pred = predict_words(model, tokenizer, test, labels)
@@ -108,5 +105,6 @@ def evaluate_ner(model_dir: Path, test: datasets.Dataset, labels: list[str], rep
     write_text(plots / "confusion.csv", "actual,predicted\n" + "".join(f"{a},{p}\n" for a, p in pairs))
     plot_confusion(confusion_matrix(pairs, [*types, "O"]), [*types, "O"], plots / "confusion_matrix.png",
                    title="entity confusion (O = missed / spurious)")
-    return metrics, [reports / "classification_report.txt", reports / "predictions.csv",
-                     plots / "confusion_matrix.png"]
+    return Evaluation(metrics, {kind: row["f1"] for kind, row in metrics["per_type"].items()},
+                      [reports / "classification_report.txt", reports / "predictions.csv",
+                       plots / "confusion_matrix.png"])

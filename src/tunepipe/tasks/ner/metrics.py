@@ -1,4 +1,5 @@
-"""Entity-level NER metrics (seqeval, strict mode under the data's scheme), for Trainer and the evaluate stage.
+"""Entity-level NER metrics (seqeval, strict mode under the data's scheme) for Trainer, the evaluate stage and
+promotion's paired tests.
 
 Strict mode counts an entity only when its tags form a valid chunk of the scheme and both span and type match.
 """
@@ -9,14 +10,14 @@ from collections.abc import Callable
 
 import numpy as np
 from seqeval.metrics import accuracy_score, classification_report, f1_score, precision_score, recall_score
-from seqeval.scheme import IOB2, IOBES
 
-IGNORED = -100
+from tunepipe.errors import UserError
+from tunepipe.params import PromoteParams
+from tunepipe.tasks.ner.encode import IGNORED
+from tunepipe.tasks.ner.scheme import seqeval_scheme
 
-
-def seqeval_scheme(labels: list[str]):
-    """IOBES when the label set has E-/S- tags, else IOB2 (prepare rewrites IOB1 to IOB2)."""
-    return IOBES if any(lab[:2] in ("E-", "S-") for lab in labels) else IOB2
+BOOTSTRAP_SEED = 0  # fixed: the same registry state gives the same decision
+COUNTS = ["correct_entities", "gold_entities", "pred_entities"]  # per-sentence columns of predictions.csv
 
 
 def entity_scores(y_true: list[list[str]], y_pred: list[list[str]], labels: list[str]) -> dict[str, float]:
@@ -64,3 +65,21 @@ def ner_metrics(labels: list[str]) -> Callable[[object], dict[str, float]]:
         return entity_scores(*decode(preds, np.asarray(label_ids), labels), labels)
 
     return compute
+
+
+def paired_p_value(s: PromoteParams, new, old) -> float:
+    """Two versions' predictions.csv (one row per test sentence): McNemar on whole-sentence correctness, the
+    bootstrap on the per-sentence entity counts (seqeval's micro precision/recall/F1 on each resample)."""
+    from tunepipe.registry.significance import ENTITY_METRICS, mcnemar, paired_bootstrap_entities
+
+    if s.test == "mcnemar":
+        return mcnemar(new["label"].to_numpy(), new["prediction"].to_numpy(), old["prediction"].to_numpy())
+    if s.metric not in ENTITY_METRICS:
+        raise UserError(f"promote.test: bootstrap recomputes {', '.join(ENTITY_METRICS)} on NER predictions, "
+                        f"not promote.metric {s.metric!r}; use promote.test: mcnemar")
+    missing = [c for c in COUNTS if c not in new.columns or c not in old.columns]
+    if missing:
+        raise UserError(f"promote.test: bootstrap needs the {', '.join(missing)} column(s) of "
+                        "evaluation/predictions.csv; re-run the evaluate stage or use promote.test: mcnemar")
+    return paired_bootstrap_entities(new[COUNTS].to_numpy(), old[COUNTS].to_numpy(), s.metric,
+                                     s.bootstrap_samples, BOOTSTRAP_SEED)

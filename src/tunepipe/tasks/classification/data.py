@@ -1,0 +1,213 @@
+"""Classification data: labelled texts from a file, a directory of split files, the hub or the embedded corpus;
+cleaned, deduplicated and split (stratified). Plain functions over pandas frames."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+from sklearn.model_selection import train_test_split
+
+from tunepipe.data import (
+    SPLITS,
+    builtin_path,
+    content_hash,
+    decode_error,
+    describe,
+    fill_missing_splits,
+    load_hf,
+    split_files,
+)
+from tunepipe.errors import UserError
+from tunepipe.params import Params
+from tunepipe.tasks import Prepared
+
+READERS = {".csv": "csv", ".tsv": "tsv", ".parquet": "parquet", ".jsonl": "jsonl", ".json": "jsonl"}
+
+
+def load_source(source: str, encoding: str | None = None) -> dict[str, pd.DataFrame]:
+    """Read `source` into frames: {"all": df} for an unsplit source, else {split: df}."""
+    if source.startswith("builtin:"):
+        path, builtin_encoding = builtin_path(source.removeprefix("builtin:"))
+        return {"all": read_table(path, encoding or builtin_encoding)}
+    if source.startswith("hf:"):
+        return {split: ds.to_pandas() for split, ds in load_hf(source.removeprefix("hf:")).items()}
+    path = Path(source)
+    if path.is_dir():
+        files = split_files(path, lambda f: f.suffix in READERS, f"train/validation/test with one of "
+                                                                 f"{', '.join(READERS)}")
+        return {split: read_table(f, encoding) for split, f in files.items()}
+    return {"all": read_table(path, encoding)}
+
+
+def read_table(path: Path, encoding: str | None) -> pd.DataFrame:
+    if not path.exists():
+        raise UserError(f"data.source: file not found: {path}")
+    kind = READERS.get(path.suffix.lower())
+    if kind is None:
+        raise UserError(f"data.source: {path}: unsupported file type '{path.suffix}' "
+                        f"(use {', '.join(READERS)}, hf:NAME or builtin:tweets)")
+    if path.stat().st_size == 0:
+        raise UserError(f"data.source: {path} is empty")
+    try:
+        if kind == "parquet":
+            df = pd.read_parquet(path)
+        elif kind == "jsonl":
+            df = pd.read_json(path, lines=True, encoding=encoding or "utf-8", encoding_errors="strict")
+        else:
+            df = pd.read_csv(path, sep="\t" if kind == "tsv" else ",", encoding=encoding or "utf-8",
+                             encoding_errors="strict", dtype=str, keep_default_na=False)
+    except (UnicodeDecodeError, LookupError) as exc:
+        raise decode_error(path, encoding, exc) from None
+    except pd.errors.EmptyDataError:
+        raise UserError(f"data.source: {path} is empty") from None
+    except (pd.errors.ParserError, ValueError) as exc:
+        raise UserError(f"data.source: {path} could not be parsed as {kind}: {str(exc).splitlines()[0]}") from None
+    if df.empty:
+        raise UserError(f"data.source: {path} has a header but no rows")
+    return df
+
+
+def select_columns(df: pd.DataFrame, text_col: str, label_col: str, where: str) -> pd.DataFrame:
+    for key, col in (("data.text_column", text_col), ("data.label_column", label_col)):
+        if col not in df.columns:
+            raise UserError(f"{key}: column '{col}' not found in {where} "
+                            f"(columns: {', '.join(map(str, df.columns))}); set {key} in params.yaml")
+    out = pd.DataFrame({"text": df[text_col], "label": df[label_col]})
+    # Class-label features from the hub arrive as ints; keep names when the feature has them.
+    out["text"] = out["text"].map(lambda v: "" if v is None or (isinstance(v, float) and pd.isna(v)) else str(v))
+    out["label"] = out["label"].map(lambda v: "" if v is None or (isinstance(v, float) and pd.isna(v)) else str(v))
+    return out
+
+
+def clean(df: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Strip, then drop empty texts/labels, texts whose copies disagree on the label, exact duplicates."""
+    df = df.assign(text=df["text"].str.strip(), label=df["label"].str.strip())
+    drops = {"empty_text": int((df["text"] == "").sum())}
+    df = df[df["text"] != ""]
+    drops["missing_label"] = int((df["label"] == "").sum())
+    df = df[df["label"] != ""]
+    n_labels = df.groupby("text")["label"].transform("nunique")
+    drops["conflicting_label"] = int((n_labels > 1).sum())
+    df = df[n_labels == 1]
+    dup = df.duplicated(subset=["text"], keep="first")
+    drops["duplicate"] = int(dup.sum())
+    return df[~dup].reset_index(drop=True), drops
+
+
+def check_classes(train: pd.DataFrame, min_count: int, where: str) -> None:
+    counts = train["label"].value_counts()
+    if len(counts) < 2:
+        only = counts.index[0] if len(counts) else "none"
+        raise UserError(f"data.label_column: {where} has only one class ('{only}'); "
+                        "a classifier needs at least two")
+    small = counts[counts < min_count]
+    if len(small):
+        label, n = small.index[0], int(small.iloc[0])
+        raise UserError(f"data: class '{label}' has {n} example(s) in {where}; a stratified split needs at least "
+                        f"{min_count}: add examples, merge the class, or drop it from the source")
+
+
+def stratified_split(df: pd.DataFrame, validation_size: float, test_size: float, seed: int
+                     ) -> dict[str, pd.DataFrame]:
+    n_classes = df["label"].nunique()
+    # Each of the three splits must receive at least one example of every class.
+    min_count = max(3, int(-(-1 // min(validation_size, test_size))))
+    check_classes(df, min_count, "the data")
+    holdout = validation_size + test_size
+    if round(len(df) * min(validation_size, test_size)) < n_classes:
+        raise UserError(f"data: {len(df)} rows are too few to give every one of {n_classes} classes a place "
+                        "in validation and test; add data or raise data.validation_size/test_size")
+    train, rest = train_test_split(df, test_size=holdout, stratify=df["label"], random_state=seed)
+    val, test = train_test_split(rest, test_size=test_size / holdout, stratify=rest["label"], random_state=seed)
+    return {"train": train, "validation": val, "test": test}
+
+
+def remove_cross_split_overlap(splits: dict[str, pd.DataFrame]) -> tuple[dict[str, pd.DataFrame], int]:
+    """A text seen in an earlier split (train, then validation) is removed from the later ones."""
+    seen: set[str] = set()
+    removed = 0
+    out = {}
+    for name in SPLITS:
+        if name not in splits:
+            continue
+        df = splits[name]
+        keep = ~df["text"].isin(seen)
+        removed += int((~keep).sum())
+        out[name] = df[keep]
+        seen.update(out[name]["text"])
+    return out, removed
+
+
+def cap_train(train: pd.DataFrame, max_samples: int | None, seed: int) -> pd.DataFrame:
+    if max_samples is None or max_samples >= len(train):
+        return train
+    n_classes = train["label"].nunique()
+    if max_samples < n_classes:
+        raise UserError(f"data.max_train_samples: {max_samples} is fewer than the {n_classes} classes")
+    kept, _ = train_test_split(train, train_size=max_samples, stratify=train["label"], random_state=seed)
+    return kept
+
+
+def check_labels_seen(splits: dict[str, pd.DataFrame]) -> None:
+    known = set(splits["train"]["label"])
+    for name in ("validation", "test"):
+        unseen = sorted(set(splits[name]["label"]) - known)
+        if unseen:
+            raise UserError(f"data: label(s) {', '.join(map(repr, unseen[:5]))} appear in the {name} split but "
+                            "never in train; add training examples or remove them from the source")
+
+
+def split_stats(df: pd.DataFrame) -> dict:
+    return {
+        "rows": len(df),
+        "class_counts": {str(k): int(v) for k, v in df["label"].value_counts().sort_index().items()},
+        "chars": describe(df["text"].str.len()),
+        "words": describe(df["text"].str.split().str.len()),
+    }
+
+
+def records(df: pd.DataFrame):
+    """A split's rows as the lines its content hash is taken over."""
+    return (f"{label}\t{text}\n" for text, label in zip(df["text"], df["label"], strict=True))
+
+
+def prepare(p: Params) -> Prepared:
+    """Plain frames in, clean stratified splits and a data report out."""
+    raw = load_source(p.data.source, p.data.encoding)
+    drops = {"empty_text": 0, "missing_label": 0, "conflicting_label": 0, "duplicate": 0}
+    where = p.data.source
+    if "all" in raw:
+        df, drops = clean(select_columns(raw["all"], p.data.text_column, p.data.label_column, where))
+        splits = stratified_split(df, p.data.validation_size, p.data.test_size, p.data.seed)
+        drops["cross_split_duplicate"] = 0
+    else:
+        splits = {}
+        for name, frame in raw.items():
+            splits[name], d = clean(select_columns(frame, p.data.text_column, p.data.label_column,
+                                                   f"{where} ({name})"))
+            drops = {k: drops[k] + d[k] for k in drops}
+        splits = fill_missing_splits(
+            splits, lambda train: stratified_split(train, p.data.validation_size, p.data.test_size, p.data.seed),
+            lambda a, b: pd.concat([a, b]))
+        splits, drops["cross_split_duplicate"] = remove_cross_split_overlap(splits)
+        check_classes(splits["train"], 1, "the train split")
+    check_labels_seen(splits)
+    before_cap = len(splits["train"])
+    splits["train"] = cap_train(splits["train"], p.data.max_train_samples, p.data.seed)
+    splits = {k: splits[k].reset_index(drop=True) for k in SPLITS}
+    report = {
+        "source": p.data.source,
+        "labels": sorted(splits["train"]["label"].unique()),
+        "drops": drops,
+        "train_capped_from": before_cap if before_cap != len(splits["train"]) else None,
+        "splits": {k: split_stats(v) for k, v in splits.items()},
+        "hashes": {k: content_hash(records(v)) for k, v in splits.items()},
+        "data_hash": content_hash(records(pd.concat([splits[k] for k in SPLITS]))),
+    }
+    return Prepared(splits, report, write_splits)
+
+
+def write_splits(splits: dict[str, pd.DataFrame], out_dir: Path) -> None:
+    for name, df in splits.items():
+        df.to_parquet(out_dir / f"{name}.parquet", index=False)

@@ -1,0 +1,59 @@
+"""Classification evaluate: test-split logits through Trainer.predict, metrics, a per-class report, the confusion
+matrix and per-example predictions (what promotion's paired tests compare)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import datasets
+import numpy as np
+from sklearn.metrics import classification_report, confusion_matrix
+
+from tunepipe.files import write_text
+from tunepipe.plots import plot_confusion
+from tunepipe.tasks import Evaluation
+from tunepipe.tasks.classification.metrics import classification_summary
+from tunepipe.training import TrainerProgress
+
+
+def predict_logits(model, tokenizer, ds: datasets.Dataset, batch_size: int = 64) -> np.ndarray:
+    from transformers import DataCollatorWithPadding, PrinterCallback, Trainer, TrainingArguments
+
+    args = TrainingArguments(output_dir="/tmp/tunepipe-eval", per_device_eval_batch_size=batch_size,
+                             report_to="none", disable_tqdm=True, dataloader_pin_memory=False)
+    trainer = Trainer(model=model, args=args, processing_class=tokenizer,
+                      data_collator=DataCollatorWithPadding(tokenizer), callbacks=[TrainerProgress()])
+    trainer.remove_callback(PrinterCallback)
+    # Predict in order of length (little padding per batch), then put rows back in test-split order.
+    order = np.argsort(np.asarray(ds["length"]), kind="stable") if "length" in ds.column_names else None
+    if order is not None:
+        ds = ds.select(order.tolist()).remove_columns("length")
+    logits = trainer.predict(ds).predictions
+    if order is None:
+        return logits
+    restored = np.empty_like(logits)
+    restored[order] = logits
+    return restored
+
+
+def evaluate(model, tokenizer, test: datasets.Dataset, labels: list[str], reports: Path) -> Evaluation:
+    plots = reports / "plots"
+    logits = predict_logits(model, tokenizer, test)
+    y_true = np.asarray(test["labels"])
+    y_pred = logits.argmax(-1)
+    metrics = classification_summary(y_true, y_pred, labels)
+    ids = list(range(len(labels)))
+    write_text(reports / "classification_report.txt", classification_report(
+        y_true, y_pred, labels=ids, target_names=labels, digits=4, zero_division=0))
+    write_text(plots / "confusion.csv", "actual,predicted\n" + "".join(
+        f"{labels[t]},{labels[q]}\n" for t, q in zip(y_true, y_pred, strict=True)))
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    # Per-example predictions: promotion's paired significance test compares two models on these.
+    write_text(reports / "predictions.csv", "id,label,prediction,confidence\n" + "".join(
+        f"{i},{labels[t]},{labels[q]},{probs[i, q]:.6f}\n"
+        for i, (t, q) in enumerate(zip(y_true, y_pred, strict=True))))
+    plot_confusion(confusion_matrix(y_true, y_pred, labels=ids).tolist(), labels, plots / "confusion_matrix.png")
+    return Evaluation(metrics, {lab: row["f1"] for lab, row in metrics["per_class"].items()},
+                      [reports / "classification_report.txt", reports / "predictions.csv",
+                       plots / "confusion_matrix.png"])
