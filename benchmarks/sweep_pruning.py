@@ -27,22 +27,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
-def tiny_model(out: Path) -> Path:
-    """A 2-layer, 32-wide random BERT with the MiniLM tokenizer, as in tests/conftest.py."""
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    from tunepipe.modeling import resolve_model
-
-    tok = AutoTokenizer.from_pretrained(resolve_model("builtin:minilm-l6"))
-    config = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128)
-    torch.manual_seed(0)
-    BertModel(config).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trials", type=int, default=8)
@@ -56,7 +40,7 @@ def main() -> None:
 
     from stages import augment, prepare
     from stages import tokenization as tokenize
-    from tests.conftest import synthetic_rows, tiny_params, write_csv
+    from tests.helpers import synthetic_rows, tiny_model, tiny_params, write_csv
     from tunepipe.modeling import device_name
     from tunepipe.params import load_params
     from tunepipe.sweep.cli import sweep

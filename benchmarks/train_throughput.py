@@ -18,9 +18,10 @@ import time
 import torch
 from transformers import TrainerCallback, get_linear_schedule_with_warmup
 
-from tunepipe.data import load_source, select_columns
 from tunepipe.modeling import build_model, cpu_model, load_tokenizer, pick_precision
 from tunepipe.params import parse_params
+from tunepipe.tasks import get_task
+from tunepipe.tasks.classification.data import load_source, select_columns
 
 WARMUP = 5
 
@@ -64,7 +65,8 @@ def reference(p, texts, labels, steps: int) -> tuple[float, int]:
     data = torch.utils.data.TensorDataset(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"],
                                           torch.tensor(labels))
     loader = torch.utils.data.DataLoader(data, batch_size=p.finetune.batch_size, shuffle=True)
-    model = build_model(p.model.name, ["negative", "neutral", "positive"], p.finetune).train()
+    model = build_model(p.model.name, ["negative", "neutral", "positive"], p.finetune,
+                        get_task("classification")).train()
     opt = torch.optim.AdamW(model.parameters(), lr=p.finetune.learning_rate, weight_decay=p.finetune.weight_decay)
     sched = get_linear_schedule_with_warmup(opt, 0, steps)
     step, tokens = 0, 0

@@ -10,20 +10,17 @@ import mlflow
 
 from tunepipe import tracking
 from tunepipe.errors import run_main
-from tunepipe.files import read_json, write_json
+from tunepipe.files import write_json
 from tunepipe.modeling import load_trained
 from tunepipe.params import load_params
-from tunepipe.paths import METRICS, MODEL, REPORTS, TOKENIZED, TRAINING_INFO
+from tunepipe.paths import METRICS, MODEL, REPORTS, TOKENIZED
 from tunepipe.progress import say
-from tunepipe.tasks import get_task
 
 
 def main() -> None:
     datasets.disable_caching()  # cache files would land inside upstream outputs and dirty them for DVC
     p = load_params()
-    info = read_json(MODEL / TRAINING_INFO)  # the model's own metadata: its task, labels and run
-    task = get_task(info["task"])
-    model, tokenizer = load_trained(MODEL, task)
+    info, task, model, tokenizer = load_trained(MODEL)  # the task comes from the model's own metadata
     test = datasets.load_from_disk(str(TOKENIZED))["test"]
     result = task.evaluate(model, tokenizer, test, info["labels"], REPORTS)
     metrics = {**result.metrics, "test_data_hash": info["test_data_hash"]}

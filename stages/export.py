@@ -17,9 +17,8 @@ from tunepipe.exporting import export_onnx, input_names, parity, quantize_int8
 from tunepipe.files import atomic_dir, read_json, write_json
 from tunepipe.modeling import load_trained
 from tunepipe.params import load_params
-from tunepipe.paths import EXPORT, EXPORT_META, EXPORT_REPORT, METRICS, MODEL, TOKENIZED, TRAINING_INFO
+from tunepipe.paths import EXPORT, EXPORT_META, EXPORT_REPORT, METRICS, MODEL, TOKENIZED
 from tunepipe.progress import say
-from tunepipe.tasks import get_task
 
 
 def main() -> None:
@@ -27,9 +26,7 @@ def main() -> None:
 
     datasets.disable_caching()  # cache files would land inside upstream outputs and dirty them for DVC
     p = load_params()
-    info = read_json(MODEL / TRAINING_INFO)  # the model's own metadata: its task, labels and run
-    task = get_task(info["task"])
-    model, tokenizer = load_trained(MODEL, task)
+    info, task, model, tokenizer = load_trained(MODEL)  # the task comes from the model's own metadata
     inputs = input_names(tokenizer)
     test = datasets.load_from_disk(str(TOKENIZED))["test"]
 

@@ -10,7 +10,7 @@ import mlflow
 import pytest
 import yaml
 
-from tests.conftest import clone_repo, commit_all, sh, synthetic_rows, tiny_params, write_csv
+from tests.helpers import clone_repo, commit_all, sh, synthetic_rows, tiny_params, write_csv
 
 
 @pytest.fixture

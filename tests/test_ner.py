@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.conftest import REPO, clone_repo, commit_all, sh, tiny_params
+from tests.helpers import REPO, clone_repo, commit_all, sh, tiny_params
 from tunepipe.errors import UserError
 from tunepipe.files import read_json
 from tunepipe.params import parse_params
@@ -24,7 +24,8 @@ from tunepipe.tasks.ner import scheme as ner_scheme
 from tunepipe.tasks.ner.data import read_conll
 from tunepipe.tasks.ner.encode import IGNORED, align_labels
 from tunepipe.tasks.ner.evaluate import entity_confusion
-from tunepipe.tasks.ner.metrics import entity_scores, ner_metrics, per_type
+from tunepipe.tasks.ner.metrics import compute_metrics as ner_metrics
+from tunepipe.tasks.ner.metrics import entity_scores, per_type
 from tunepipe.tasks.ner.scheme import detect_and_validate
 
 SHARED_CONLL = REPO.parent / "shared/data/conll2003"

@@ -1,7 +1,7 @@
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 from tunepipe.errors import UserError
 from tunepipe.params import load_params, parse_params
 
@@ -40,3 +40,17 @@ def test_invalid_yaml_and_missing_file(tmp_path):
 def test_defaults_round_trip():
     p = parse_params(yaml.safe_load((REPO / "params.yaml").read_text()))
     assert parse_params(p.model_dump()) == p
+
+
+def test_params_yaml_holds_every_key_with_the_schema_defaults():
+    """One source of truth: params.yaml names every key, and the schema's defaults (for code that builds params
+    without the file: tests, benchmarks) are exactly its values."""
+    from tunepipe.params import Params
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    defaults = Params().model_dump(mode="json")
+    for section, values in defaults.items():
+        assert section in raw, f"params.yaml lacks the {section} section"
+        if isinstance(values, dict):
+            assert set(raw[section]) == set(values), f"params.yaml {section}: keys differ from the schema"
+    assert load_params(REPO / "params.yaml").model_dump(mode="json") == defaults

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.conftest import REPO, synthetic_rows, write_csv
+from tests.helpers import REPO, synthetic_rows, write_csv
 from tunepipe.errors import UserError
 from tunepipe.params import parse_params
 from tunepipe.tasks import get_task

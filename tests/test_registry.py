@@ -25,7 +25,7 @@ import pytest
 import yaml
 from sklearn.metrics import accuracy_score, f1_score
 
-from tests.conftest import REPO, synthetic_rows
+from tests.helpers import REPO, synthetic_rows
 from tunepipe import cli
 from tunepipe.errors import UserError
 from tunepipe.params import PromoteParams, parse_params

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from ruamel.yaml import YAML
 
-from tests.conftest import REPO, clone_repo, sh
+from tests.helpers import REPO, clone_repo, sh
 
 pytestmark = pytest.mark.skipif(not (REPO / ".git").exists(), reason="needs the git checkout of the repository")
 
@@ -148,3 +148,27 @@ def test_editing_a_module_reruns_the_stages_that_import_it_and_no_other(tmp_path
     changed = {stage for stage, entries in json.loads(res.stdout).items() for e in entries if isinstance(e, dict)
                and edited in e.get("changed deps", {})}
     assert changed == reruns
+
+
+def test_the_wheel_installs_tunepipe_and_no_stages_package(tmp_path):
+    """`pip install` ships the package `tunepipe` (every task folder, the served model's code) and nothing named
+    `stages`: the DVC entry points belong to the project, not to site-packages."""
+    import zipfile
+
+    repo = clone_repo(tmp_path / "repo")  # building writes build/ beside the sources: not in this checkout
+    sh([sys.executable, "-m", "pip", "wheel", str(repo), "--no-deps", "--no-build-isolation", "-q", "-w",
+        str(tmp_path / "dist")], tmp_path)
+    wheel = next((tmp_path / "dist").glob("tunepipe-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")} == {"tunepipe"}
+    tasks = sorted(p.name for p in (SRC / "tunepipe/tasks").iterdir() if (p / "__init__.py").is_file())
+    assert {f"tunepipe/tasks/{t}/__init__.py" for t in tasks} | {"tunepipe/serving/pyfunc_model.py"} <= set(names)
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import tunepipe.cli, tunepipe.tasks as t; "
+            "assert tunepipe.cli.__file__.startswith(sys.argv[1]), tunepipe.cli.__file__; print(t.available())")
+    out = sh([sys.executable, "-c", code, str(site)], tmp_path).stdout
+    assert out.strip() == str(tasks)
+    res = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); import stages",
+                          str(site)], cwd=tmp_path, capture_output=True, text=True)
+    assert "No module named 'stages'" in res.stderr

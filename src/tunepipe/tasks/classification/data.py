@@ -12,6 +12,7 @@ from tunepipe.data import (
     SPLITS,
     builtin_path,
     content_hash,
+    data_hash,
     decode_error,
     describe,
     fill_missing_splits,
@@ -196,14 +197,15 @@ def prepare(p: Params) -> Prepared:
     before_cap = len(splits["train"])
     splits["train"] = cap_train(splits["train"], p.data.max_train_samples, p.data.seed)
     splits = {k: splits[k].reset_index(drop=True) for k in SPLITS}
+    hashes = {k: content_hash(records(v)) for k, v in splits.items()}
     report = {
         "source": p.data.source,
         "labels": sorted(splits["train"]["label"].unique()),
         "drops": drops,
         "train_capped_from": before_cap if before_cap != len(splits["train"]) else None,
         "splits": {k: split_stats(v) for k, v in splits.items()},
-        "hashes": {k: content_hash(records(v)) for k, v in splits.items()},
-        "data_hash": content_hash(records(pd.concat([splits[k] for k in SPLITS]))),
+        "hashes": hashes,
+        "data_hash": data_hash(hashes),
     }
     return Prepared(splits, report, write_splits)
 

@@ -12,11 +12,16 @@ from tunepipe.params import PromoteParams
 BOOTSTRAP_SEED = 0  # fixed: the same registry state gives the same decision
 
 
-def compute_metrics(eval_pred) -> dict[str, float]:
-    logits, labels = eval_pred
-    preds = np.asarray(logits).argmax(-1)
-    return {"accuracy": float(accuracy_score(labels, preds)),
-            "macro_f1": float(f1_score(labels, preds, average="macro"))}
+def compute_metrics(labels: list[str]):
+    """Trainer compute_metrics: accuracy and macro-F1 over the validation split."""
+
+    def compute(eval_pred) -> dict[str, float]:
+        logits, label_ids = eval_pred
+        preds = np.asarray(logits).argmax(-1)
+        return {"accuracy": float(accuracy_score(label_ids, preds)),
+                "macro_f1": float(f1_score(label_ids, preds, average="macro"))}
+
+    return compute
 
 
 def classification_summary(y_true: np.ndarray, y_pred: np.ndarray, labels: list[str]) -> dict:
@@ -35,7 +40,12 @@ def classification_summary(y_true: np.ndarray, y_pred: np.ndarray, labels: list[
     }
 
 
-def paired_p_value(s: PromoteParams, gold: list[str], new: list[str], old: list[str]) -> float:
+def paired_p_value(s: PromoteParams, new, old) -> float:
+    """The configured paired test on two versions' predictions.csv (one row per test text, same gold labels)."""
+    return paired_p_value_labels(s, new["label"].tolist(), new["prediction"].tolist(), old["prediction"].tolist())
+
+
+def paired_p_value_labels(s: PromoteParams, gold: list[str], new: list[str], old: list[str]) -> float:
     """The configured paired test on per-example label strings (mapped to ids over all labels seen)."""
     from tunepipe.registry.significance import BOOTSTRAP_METRICS, mcnemar, paired_bootstrap_labels
 
@@ -78,6 +88,6 @@ def rescore(s: PromoteParams, test, models: dict) -> dict:
 
     p = None
     if preds.get("champion") is not None and s.significance is not None:
-        p = paired_p_value(s, gold, preds["candidate"], preds["champion"])
+        p = paired_p_value_labels(s, gold, preds["candidate"], preds["champion"])
     return {"candidate": score(preds["candidate"]), "champion": score(preds.get("champion")), "p_value": p,
             "test_data_hash": content_hash(records(test))}

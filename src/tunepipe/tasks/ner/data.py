@@ -9,7 +9,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tunepipe.data import SPLITS, content_hash, decode_error, describe, fill_missing_splits, load_hf, split_files
+from tunepipe.data import (
+    SPLITS,
+    content_hash,
+    data_hash,
+    decode_error,
+    describe,
+    fill_missing_splits,
+    load_hf,
+    split_files,
+)
 from tunepipe.errors import UserError
 from tunepipe.params import Params
 from tunepipe.tasks import Prepared
@@ -171,7 +180,7 @@ def prepare(p: Params) -> Prepared:
         "train_capped_from": before_cap if before_cap != len(splits["train"]) else None,
         "splits": stats,
         "hashes": hashes,
-        "data_hash": content_hash(hashes[k] for k in SPLITS),
+        "data_hash": data_hash(hashes),
     }
     return Prepared(splits, report, write_splits)
 

@@ -55,7 +55,7 @@ def decode(pred_ids: np.ndarray, label_ids: np.ndarray, labels: list[str]) -> tu
     return y_true, y_pred
 
 
-def ner_metrics(labels: list[str]) -> Callable[[object], dict[str, float]]:
+def compute_metrics(labels: list[str]) -> Callable[[object], dict[str, float]]:
     """Trainer compute_metrics over labelled sub-tokens (= words, unless tokenize.label_all_subtokens)."""
 
     def compute(eval_pred) -> dict[str, float]:

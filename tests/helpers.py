@@ -1,0 +1,115 @@
+"""Helpers shared by the tests and the benchmarks: tiny labelled data, a tiny random BERT, params for quick runs,
+and what a user gets from `git clone` of this repository. (Fixtures live in conftest.py.)"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+POSITIVE = ["great", "love", "excellent", "happy", "wonderful", "amazing"]
+NEGATIVE = ["awful", "hate", "terrible", "sad", "horrible", "broken"]
+NEUTRAL = ["table", "monday", "paper", "street", "window", "number"]
+FILLER = ["the", "a", "flight", "car", "today", "was", "is", "my", "this", "service", "very", "and"]
+
+
+def synthetic_rows(n: int, seed: int = 0, classes: tuple[str, ...] = ("negative", "neutral", "positive")
+                   ) -> list[tuple[str, str]]:
+    """Unique (text, label) rows whose label is carried by keywords, so a tiny model can learn it."""
+    rng = random.Random(seed)
+    words = {"positive": POSITIVE, "negative": NEGATIVE, "neutral": NEUTRAL}
+    rows, seen = [], set()
+    while len(rows) < n:
+        label = classes[len(rows) % len(classes)]
+        toks = rng.sample(FILLER, rng.randint(2, 6)) + rng.sample(words[label], 2)
+        rng.shuffle(toks)
+        text = " ".join(toks) + f" {rng.randint(0, 10**6)}"
+        if text not in seen:
+            seen.add(text)
+            rows.append((text, label))
+    return rows
+
+
+def write_csv(path: Path, rows: list[tuple[str, str]], header=("text", "sentiment")) -> Path:
+    import csv
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+def tiny_model(out: Path) -> Path:
+    """A 2-layer, 32-wide BERT with random weights and the real MiniLM tokenizer (fast, offline)."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from tunepipe.modeling import resolve_model
+
+    tok = AutoTokenizer.from_pretrained(resolve_model("builtin:minilm-l6"))
+    config = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128)
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def tiny_params(model_dir: Path, **overrides) -> dict:
+    """The repository's params.yaml with quick settings for tests, plus dotted-key overrides."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"].update(source="data/raw/train.csv")
+    params["model"]["name"] = str(model_dir)
+    params["tokenize"]["max_length"] = 32
+    # fp32 pinned: what `auto` picks differs from CPU to CPU, and so would the tiny model's learning curve;
+    # tests that need another precision say so (test_stages.py forces each one).
+    params["finetune"].update(learning_rate=5e-3, batch_size=16, epochs=2.0, eval_steps=5,
+                              early_stopping_patience=50, warmup_ratio=0.0, precision="fp32")
+    for key, value in overrides.items():
+        node = params
+        *path, last = key.split(".")
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return params
+
+
+def clone_repo(dest: Path) -> Path:
+    """What a user gets from `git clone` of this repository: the committed tree, nothing untracked or ignored.
+
+    Edits to tracked files not yet committed are applied on top (so a developer's run tests what they are about
+    to commit); in CI the working tree is a clean clone and this is exactly `git clone`."""
+    if not (REPO / ".git").exists():
+        pytest.skip(f"{REPO} is not a git checkout: the end-to-end tests start from `git clone`")
+    subprocess.run(["git", "clone", "-q", str(REPO), str(dest)], check=True)
+    # Staged changes (deletions included), then unstaged edits to tracked files.
+    for staged in (["--cached"], []):
+        diff = subprocess.run(["git", "diff", *staged, "--binary"], cwd=REPO, check=True, capture_output=True).stdout
+        if diff:
+            subprocess.run(["git", "apply", "--index", "--whitespace=nowarn"], cwd=dest, input=diff, check=True)
+    return dest
+
+
+def commit_all(root: Path, message: str = "test setup") -> None:
+    """Commit what a test changed in its clone (params, data), as a user would before `dvc repro`."""
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    sh([*git, "add", "-A"], root)
+    sh([*git, "commit", "-qm", message, "--allow-empty"], root)
+
+
+def sh(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """Run a command with the venv's tools first on PATH and no inherited MLflow store; it must succeed."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, f"{' '.join(cmd)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    return res
