@@ -289,3 +289,31 @@ def test_auto_precision_follows_the_cpu_flags(monkeypatch, flags, fast):
     assert modeling.pick_precision("bf16") == "bf16" and modeling.pick_precision("fp32") == "fp32"
     with pytest.raises(UserError, match="fp16 needs a CUDA GPU"):
         modeling.pick_precision("fp16")
+
+
+def test_int8_recipe_agrees_with_pytorch_on_a_tiny_model(tiny_model_dir, tmp_path):
+    """The export's int8 recipe (fused graph, per-channel weights) keeps the labels at the agreement bar, and its
+    parity check scores what the task says (one label per text for classification)."""
+    import datasets
+    import onnxruntime as ort
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    from tests.helpers import synthetic_rows
+    from tunepipe.exporting import INT8_AGREEMENT_BAR, export_onnx, input_names, parity, quantize_int8
+    from tunepipe.tasks import get_task
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)
+    model = BertForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=3).eval()
+    names = input_names(tok)
+    export_onnx(model, names, tmp_path / "model.onnx", 17)
+    quantize_int8(tmp_path / "model.onnx", tmp_path / "model.int8.onnx", model.config)
+    rows = synthetic_rows(200)
+    enc = tok([t for t, _ in rows], truncation=True, max_length=32)
+    ds = datasets.Dataset.from_dict({**enc, "labels": [i % 3 for i in range(len(rows))]})
+    sessions = {k: ort.InferenceSession(str(tmp_path / f), providers=["CPUExecutionProvider"])
+                for k, f in (("fp32", "model.onnx"), ("int8", "model.int8.onnx"))}
+    report = parity(get_task("classification"), model, sessions, ds, names, tok.pad_token_id)
+    assert report["n_compared"] == len(rows) and report["fp32_label_agreement"] == 1.0
+    assert report["int8_label_agreement"] >= INT8_AGREEMENT_BAR
+    assert set(report) >= {"torch_accuracy", "fp32_accuracy", "int8_accuracy"}
