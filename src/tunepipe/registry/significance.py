@@ -13,6 +13,7 @@ from scipy.stats import binomtest
 
 # Metrics the bootstrap can recompute on a resample: from label ids (classification) or from per-sentence
 # entity counts (NER, seqeval's micro averages).
+BOOTSTRAP_SEED = 0  # fixed: the same registry state gives the same decision
 BOOTSTRAP_METRICS = ("accuracy", "macro_f1", "weighted_f1")
 ENTITY_METRICS = ("f1", "precision", "recall")
 

@@ -9,8 +9,6 @@ from sklearn.metrics import accuracy_score, classification_report, f1_score
 from tunepipe.errors import UserError
 from tunepipe.params import PromoteParams
 
-BOOTSTRAP_SEED = 0  # fixed: the same registry state gives the same decision
-
 
 def compute_metrics(labels: list[str]):
     """Trainer compute_metrics: accuracy and macro-F1 over the validation split."""
@@ -47,7 +45,7 @@ def paired_p_value(s: PromoteParams, new, old) -> float:
 
 def paired_p_value_labels(s: PromoteParams, gold: list[str], new: list[str], old: list[str]) -> float:
     """The configured paired test on per-example label strings (mapped to ids over all labels seen)."""
-    from tunepipe.registry.significance import BOOTSTRAP_METRICS, mcnemar, paired_bootstrap_labels
+    from tunepipe.registry.significance import BOOTSTRAP_METRICS, BOOTSTRAP_SEED, mcnemar, paired_bootstrap_labels
 
     labels = sorted(set(gold) | set(new) | set(old))
     ids = {lab: i for i, lab in enumerate(labels)}

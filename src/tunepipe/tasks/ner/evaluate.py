@@ -16,13 +16,12 @@ import torch
 from seqeval.scheme import Entities
 
 from tunepipe.files import write_text
+from tunepipe.modeling import MODEL_INPUTS
 from tunepipe.plots import plot_confusion
 from tunepipe.progress import Progress
 from tunepipe.tasks import Evaluation
 from tunepipe.tasks.ner.metrics import entity_scores, per_type, text_report
 from tunepipe.tasks.ner.scheme import seqeval_scheme
-
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 def first_subtoken_positions(word_ids: list[int], n_words: int) -> list[int | None]:

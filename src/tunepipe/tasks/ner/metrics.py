@@ -16,7 +16,6 @@ from tunepipe.params import PromoteParams
 from tunepipe.tasks.ner.encode import IGNORED
 from tunepipe.tasks.ner.scheme import seqeval_scheme
 
-BOOTSTRAP_SEED = 0  # fixed: the same registry state gives the same decision
 COUNTS = ["correct_entities", "gold_entities", "pred_entities"]  # per-sentence columns of predictions.csv
 
 
@@ -70,7 +69,12 @@ def compute_metrics(labels: list[str]) -> Callable[[object], dict[str, float]]:
 def paired_p_value(s: PromoteParams, new, old) -> float:
     """Two versions' predictions.csv (one row per test sentence): McNemar on whole-sentence correctness, the
     bootstrap on the per-sentence entity counts (seqeval's micro precision/recall/F1 on each resample)."""
-    from tunepipe.registry.significance import ENTITY_METRICS, mcnemar, paired_bootstrap_entities
+    from tunepipe.registry.significance import (
+        BOOTSTRAP_SEED,
+        ENTITY_METRICS,
+        mcnemar,
+        paired_bootstrap_entities,
+    )
 
     if s.test == "mcnemar":
         return mcnemar(new["label"].to_numpy(), new["prediction"].to_numpy(), old["prediction"].to_numpy())
