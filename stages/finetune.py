@@ -16,7 +16,7 @@ import mlflow
 from tunepipe import tracking
 from tunepipe.errors import run_main
 from tunepipe.files import atomic_dir, read_json, write_csv, write_json
-from tunepipe.modeling import device_name, merge_for_export, pick_precision
+from tunepipe.modeling import cpu_bf16_speedup, device_name, merge_for_export, pick_precision
 from tunepipe.params import load_params
 from tunepipe.paths import AUGMENTED, CHECKPOINTS, MODEL, PLOTS, PREPARED_META, TRAIN_REPORT, TRAINING_INFO
 from tunepipe.plots import plot_curves
@@ -41,8 +41,11 @@ def main() -> None:
     CHECKPOINTS.mkdir(parents=True, exist_ok=True)
     run_id = tracking.start_training_run(p, run_id, meta, fp, device, precision)
     write_json(CHECKPOINTS / "state.json", {"fingerprint": fp, "run_id": run_id, "status": "running"})
-    say(f"finetune: {device}, precision {precision} (finetune.precision: {p.finetune.precision}), MLflow run "
-        f"{run_id}" + (f", resuming from {resume_from}" if resume_from else ""))
+    # Why `auto` chose: on a CPU with native bf16 instructions, a measured matmul decides (modeling.py).
+    bf16_speedup = cpu_bf16_speedup() if p.finetune.precision == "auto" and device.startswith("cpu") else None
+    say(f"finetune: {device}, precision {precision} (finetune.precision: {p.finetune.precision})"
+        + (f", bf16 matmul {bf16_speedup}x fp32 here" if bf16_speedup else "") + f", MLflow run {run_id}"
+        + (f", resuming from {resume_from}" if resume_from else ""))
 
     trainer = build_trainer(p, dsd, labels, str(CHECKPOINTS), [tracking.MlflowMetricsCallback(run_id)])
     result = trainer.train(resume_from_checkpoint=resume_from)
@@ -61,6 +64,7 @@ def main() -> None:
         "device": device,
         "precision": precision,
         "precision_requested": p.finetune.precision,
+        "cpu_bf16_matmul_speedup": bf16_speedup,
     }
     model = merge_for_export(trainer.model)
     with atomic_dir(MODEL) as tmp:

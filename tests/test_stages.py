@@ -275,20 +275,38 @@ def test_every_precision_trains_on_cpu(project, monkeypatch, capsys, requested, 
     assert 0 <= read_json(root / "reports/metrics.json")["macro_f1"] <= 1
 
 
-@pytest.mark.parametrize(("flags", "fast"), [
-    ({"avx2", "fma"}, False),                          # AMD EPYC (Zen 2/3): bf16 matmul 60x slower than fp32
-    ({"avx2", "avx512f", "avx512bw"}, False),          # Skylake AVX-512: oneDNN emulates bf16, no gain
-    ({"avx2", "avx512f", "avx512_bf16"}, True),        # AMD EPYC Zen 4
-    ({"avx2", "avx512f", "amx_bf16", "amx_tile"}, True),  # Intel Xeon with AMX
+@pytest.fixture
+def fresh_bf16_measure():
+    """cpu_bf16_speedup is measured once per process: each test sees its own flags and measurement."""
+    modeling.cpu_bf16_speedup.cache_clear()
+    yield
+    modeling.cpu_bf16_speedup.cache_clear()
+
+
+@pytest.mark.parametrize(("flags", "measured", "fast"), [
+    ({"avx2", "fma"}, None, False),                    # AMD EPYC (Zen 2/3): bf16 matmul 60x slower, never measured
+    ({"avx2", "avx512f", "avx512bw"}, None, False),    # Skylake AVX-512: oneDNN emulates bf16, no gain
+    ({"avx2", "avx512f", "avx512_bf16"}, 3.7, True),   # AMD EPYC Zen 4
+    ({"avx2", "avx512f", "avx512_bf16"}, 0.57, False),  # Intel Xeon with AVX-512 BF16 but no AMX
+    ({"avx2", "avx512f", "amx_bf16", "amx_tile"}, 6.0, True),  # Intel Xeon with AMX
 ])
-def test_auto_precision_follows_the_cpu_flags(monkeypatch, flags, fast):
+def test_auto_precision_follows_the_cpu(monkeypatch, fresh_bf16_measure, flags, measured, fast):
+    """The flags say whether bf16 is native; a measured matmul says whether it is faster than fp32 here."""
     monkeypatch.setattr(modeling, "cpu_flags", lambda: flags)
+    calls = []
+    monkeypatch.setattr(modeling, "matmul_speedup", lambda: calls.append(1) or measured)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert modeling.cpu_has_fast_bf16() is fast
     assert modeling.pick_precision("auto") == ("bf16" if fast else "fp32")
+    assert len(calls) == (0 if measured is None else 1)  # measured once per process, only where bf16 is native
     assert modeling.pick_precision("bf16") == "bf16" and modeling.pick_precision("fp32") == "fp32"
     with pytest.raises(UserError, match="fp16 needs a CUDA GPU"):
         modeling.pick_precision("fp16")
+
+
+def test_matmul_speedup_runs_both_precisions_on_this_cpu():
+    """The real measurement, whatever this CPU is: both precisions run and give a ratio."""
+    assert 0 < modeling.matmul_speedup() < 100
 
 
 def test_int8_recipe_agrees_with_pytorch_on_a_tiny_model(tiny_model_dir, tmp_path):
