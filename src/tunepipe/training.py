@@ -70,7 +70,7 @@ def build_trainer(p: Params, dsd: datasets.DatasetDict, labels: list[str], outpu
     task = get_task(p.task)
     transformers.set_seed(p.finetune.seed)  # the fresh head's init depends on it too
     tokenizer = load_tokenizer(p.model.name)
-    model = build_model(p.model.name, labels, p.finetune, task)
+    model = build_model(p.model.name, labels, p.finetune, task, pad_token_id=tokenizer.pad_token_id)
     precision = pick_precision(p.finetune.precision)
     trainer = Trainer(
         model=model,

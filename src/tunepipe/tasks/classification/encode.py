@@ -32,7 +32,7 @@ def tokenize_split(ds: datasets.Dataset, tokenizer, max_length: int, label2id: d
 
 def tokenize(p: Params, prepared: Path) -> tuple[datasets.DatasetDict, dict]:
     label2id = {lab: i for i, lab in enumerate(read_json(prepared / "meta.json")["labels"])}
-    tokenizer = load_tokenizer(p.model.name)
+    tokenizer = load_tokenizer(p.model.name, p.tokenize.max_length)
     frames = {split: pd.read_parquet(prepared / f"{split}.parquet") for split in SPLITS}
     with Progress("tokenize", sum(map(len, frames.values())), "texts") as bar:
         dsd = datasets.DatasetDict({

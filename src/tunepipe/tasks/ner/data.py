@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import codecs
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,9 @@ from tunepipe.params import Params
 from tunepipe.tasks import Prepared
 from tunepipe.tasks.ner.scheme import detect_and_validate, entity_spans, iob1_to_iob2
 
+# What separates CoNLL columns (the \n that ends a line is gone by then).
+ASCII_SPACE = " \t\r\f\v"
+
 
 @dataclass(frozen=True)
 class Sentence:
@@ -43,7 +48,11 @@ class Sentence:
 def read_conll(path: Path, encoding: str | None = None) -> list[Sentence]:
     """`TOKEN [more columns] TAG` per line, a blank line between sentences, `-DOCSTART-` lines skipped."""
     try:
-        lines = path.read_text(encoding=encoding or "utf-8", errors="strict").splitlines()
+        # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the first token.
+        codec = "utf-8-sig" if codecs.lookup(encoding or "utf-8").name == "utf-8" else encoding
+        # Lines end at \n only (read_text turns \r\n and \r into \n): str.splitlines would also cut a token at
+        # U+0085 or U+2028.
+        lines = path.read_text(encoding=codec, errors="strict").split("\n")
     except (UnicodeDecodeError, LookupError) as exc:
         raise decode_error(path, encoding, exc) from None
     sentences: list[Sentence] = []
@@ -51,7 +60,7 @@ def read_conll(path: Path, encoding: str | None = None) -> list[Sentence]:
     tags: list[str] = []
     start = 0
     for n, line in enumerate([*lines, ""], start=1):
-        parts = line.split()
+        parts = columns(line)
         if not parts or parts[0] == "-DOCSTART-":
             if tokens:
                 sentences.append(Sentence(tokens, tags, str(path), line=start))
@@ -66,6 +75,13 @@ def read_conll(path: Path, encoding: str | None = None) -> list[Sentence]:
     if not sentences:
         raise UserError(f"data.source: {path} has no sentences (expected CoNLL format: one 'TOKEN TAG' per line)")
     return sentences
+
+
+def columns(line: str) -> list[str]:
+    """A CoNLL line's columns, split at ASCII whitespace only: a token may hold other spaces (a no-break space
+    U+00A0 in text from web pages) and stays one token; str.split() would cut it and drop the rest silently."""
+    line = line.strip(ASCII_SPACE)
+    return re.split(f"[{ASCII_SPACE}]+", line) if line else []
 
 
 def load_conll_dir(path: Path, encoding: str | None) -> dict[str, list[Sentence]]:

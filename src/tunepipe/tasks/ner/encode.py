@@ -54,12 +54,22 @@ def encoder(tokenizer, max_length: int, labels: list[str], label_all: bool) -> C
             enc["word_ids"].append([-1 if w is None else w for w in word_ids])
             seen = {w for w in word_ids if w is not None}
             last = max(seen, default=-1)
-            enc["words_cut"].append(len(tags) - 1 - last)  # words lost to truncation
-            enc["words_empty"].append(last + 1 - len(seen))  # words the tokenizer turns into nothing
+            # Words after the last one with a sub-token were cut by truncation, unless they have none of their own
+            # (a word of only no-break spaces or control characters): those count as empty, not cut.
+            tail = batch["tokens"][i][last + 1:]
+            tail_empty = len(tail) - len(tokenized_words(tokenizer, tail)) if tail else 0
+            enc["words_cut"].append(len(tail) - tail_empty)  # words lost to truncation
+            enc["words_empty"].append(last + 1 - len(seen) + tail_empty)  # words the tokenizer turns into nothing
         enc["length"] = [len(x) for x in enc["input_ids"]]
         return dict(enc)
 
     return encode
+
+
+def tokenized_words(tokenizer, words: list[str]) -> set[int]:
+    """Indices of the words that get at least one sub-token."""
+    ids = tokenizer(words, is_split_into_words=True, add_special_tokens=False).word_ids()
+    return {w for w in ids if w is not None}
 
 
 def tokenize_words(ds: datasets.Dataset, tokenizer, max_length: int, label_all: bool) -> datasets.Dataset:
@@ -78,7 +88,7 @@ def tokenizer_for(p: Params, labels: list[str]):
     if p.tokenize.label_all_subtokens and scheme_of(labels) == "BIOES":
         raise UserError("tokenize.label_all_subtokens: works with IOB1/IOB2 tags only (a BIOES S-/E- word cannot be "
                         "spread over sub-tokens); set it to false")
-    return load_tokenizer(p.model.name)
+    return load_tokenizer(p.model.name, p.tokenize.max_length)
 
 
 def tokenize(p: Params, in_dir: Path) -> tuple[datasets.DatasetDict, dict]:
