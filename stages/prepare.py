@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+
+from tunepipe.data import untracked_source
 from tunepipe.errors import run_main
 from tunepipe.files import atomic_dir, write_json
 from tunepipe.params import load_params
@@ -12,6 +15,10 @@ from tunepipe.tasks import get_task
 
 def main() -> None:
     p = load_params()
+    # dvc.yaml can only declare data/raw (a source may be hf: or builtin:), so say when a change will go unseen.
+    warning = untracked_source(p.data.source)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     prepared = get_task(p.task).prepare(p)
     report = prepared.report
     with atomic_dir(PREPARED) as tmp:

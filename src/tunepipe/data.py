@@ -3,12 +3,18 @@ and summary statistics. What a task's rows look like stays in its own folder."""
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import importlib.metadata
+import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tunepipe.errors import UserError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 SPLITS = ("train", "validation", "test")
 # Split names seen in the wild (file stems or extensions, hub split names), mapped onto ours.
@@ -38,7 +44,8 @@ def split_files(path: Path, accept: Callable[[Path], bool], expected: str) -> di
         if split is None:
             continue
         if split in files:
-            raise UserError(f"data.source: {path} has two {split} files ({files[split].name}, {f.name}); keep one")
+            raise UserError(f"data.source: {path} has two {split} files ({files[split].name}, {f.name}); keep one "
+                            "of them there (merge the rows into it, move the other file out of the directory)")
         files[split] = f
     if "train" not in files:
         raise UserError(f"data.source: directory {path} has no train file (expected {expected})")
@@ -59,8 +66,22 @@ def builtin_path(name: str) -> tuple[Path, str]:
     return path, encoding
 
 
+def read_encoding(encoding: str | None) -> str:
+    """The codec to read a text file with: UTF-8 (the default, or named by the user) as utf-8-sig, which also takes
+    a file that starts with a byte-order mark (Windows tools write one) and drops the mark."""
+    if encoding is None or codecs.lookup(encoding).name == "utf-8":
+        return "utf-8-sig"
+    return encoding
+
+
+UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+
+
 def decode_error(path: Path, encoding: str | None, exc: UnicodeDecodeError | LookupError) -> UserError:
     """A file that is not in the expected encoding, or an encoding Python does not know."""
+    if isinstance(exc, UnicodeDecodeError) and exc.start == 0 and bytes(exc.object[:2]) in UTF16_BOMS:
+        return UserError(f"data.source: {path} starts with a UTF-16 byte-order mark; set data.encoding: utf-16 in "
+                         "params.yaml (or save the file as UTF-8)")
     if isinstance(exc, UnicodeDecodeError):
         return UserError(f"data.source: {path} is not valid {encoding or 'UTF-8'} (byte {exc.object[exc.start]:#x} "
                          f"at offset {exc.start}); set data.encoding in params.yaml (e.g. latin-1)")
@@ -76,10 +97,56 @@ def load_hf(spec: str) -> dict:
         dsd = datasets.load_dataset(name, config or None)
     except Exception as exc:  # the hub raises many types; the user needs the message
         raise UserError(f"data.source: could not load hf:{spec}: {str(exc).splitlines()[0]}") from None
-    out = {SPLIT_NAMES[split]: ds for split, ds in dsd.items() if split in SPLIT_NAMES}
+    out: dict = {}
+    for split, ds in dsd.items():
+        ours = SPLIT_NAMES.get(split)
+        if ours is None:
+            continue
+        if ours in out:  # e.g. `dev` and `validation`: taking either one silently would drop the other
+            first = next(s for s in dsd if SPLIT_NAMES.get(s) == ours)
+            raise UserError(f"data.source: hf:{spec} has two {ours} splits ({first}, {split}); tunepipe cannot pick "
+                            "one: save the data set to files (one per split) and point data.source at them")
+        out[ours] = ds
     if "train" not in out:
         raise UserError(f"data.source: hf:{spec} has no train split (splits: {', '.join(dsd)})")
     return out
+
+
+def hf_frame(ds) -> pd.DataFrame:
+    """A hub split as a pandas frame, class-label columns as their names (ClassLabel stores ints; -1 means no label
+    and becomes missing, which the task drops and counts like any missing label)."""
+    import datasets
+    import pandas as pd
+
+    df = ds.to_pandas()
+    for col, feature in ds.features.items():
+        if isinstance(feature, datasets.ClassLabel):
+            codes = df[col].fillna(-1).astype(int)
+            bad = codes[(codes < -1) | (codes >= feature.num_classes)]
+            if len(bad):
+                raise UserError(f"data.source: column '{col}' holds class id {bad.iloc[0]}, outside its "
+                                f"{feature.num_classes} class names")
+            names = pd.Categorical.from_codes(codes, categories=feature.names)
+            df[col] = pd.Series(names, index=df.index).astype(object).where(codes >= 0, None)
+    return df
+
+
+def untracked_source(source: str, tracked: str = "data/raw") -> str | None:
+    """A warning when data.source lies where dvc.yaml does not look (it declares only data/raw as prepare's data
+    dependency), so a change to the data would not re-run the pipeline; None when DVC sees it."""
+    if source.startswith("builtin:"):
+        return None  # inside the installed package: changes only with its version
+    local = source.removeprefix("hf:").partition(":")[0] if source.startswith("hf:") else source
+    if source.startswith("hf:") and not Path(local).exists():
+        where = f"{source} is read from the Hugging Face hub (or its cache)"
+    else:
+        # abspath, not resolve: a symlink under data/raw is DVC's to follow
+        path, root = os.path.abspath(local), os.path.abspath(tracked)
+        if os.path.commonpath([path, root]) == root:
+            return None
+        where = f"{source} is outside {tracked}/"
+    return (f"warning: data.source: {where}, which DVC does not track: `dvc repro` will not re-run prepare when it "
+            f"changes. Put the files under {tracked}/, or force it with `dvc repro -f prepare`")
 
 
 def fill_missing_splits(splits: dict, carve: Callable[[object], dict], join: Callable[[object, object], object]

@@ -3,6 +3,7 @@ cleaned, deduplicated and split (stratified). Plain functions over pandas frames
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -16,7 +17,9 @@ from tunepipe.data import (
     decode_error,
     describe,
     fill_missing_splits,
+    hf_frame,
     load_hf,
+    read_encoding,
     split_files,
 )
 from tunepipe.errors import UserError
@@ -32,11 +35,12 @@ def load_source(source: str, encoding: str | None = None) -> dict[str, pd.DataFr
         path, builtin_encoding = builtin_path(source.removeprefix("builtin:"))
         return {"all": read_table(path, encoding or builtin_encoding)}
     if source.startswith("hf:"):
-        return {split: ds.to_pandas() for split, ds in load_hf(source.removeprefix("hf:")).items()}
+        return {split: hf_frame(ds) for split, ds in load_hf(source.removeprefix("hf:")).items()}
     path = Path(source)
     if path.is_dir():
-        files = split_files(path, lambda f: f.suffix in READERS, f"train/validation/test with one of "
-                                                                 f"{', '.join(READERS)}")
+        # Every file named like a split is taken (suffixes in any case): one read_table cannot read fails loudly
+        # instead of being skipped, and a second file for a split is an error, not a silent choice.
+        files = split_files(path, lambda f: True, f"train/validation/test with one of {', '.join(READERS)}")
         return {split: read_table(f, encoding) for split, f in files.items()}
     return {"all": read_table(path, encoding)}
 
@@ -54,9 +58,9 @@ def read_table(path: Path, encoding: str | None) -> pd.DataFrame:
         if kind == "parquet":
             df = pd.read_parquet(path)
         elif kind == "jsonl":
-            df = pd.read_json(path, lines=True, encoding=encoding or "utf-8", encoding_errors="strict")
+            df = pd.read_json(path, lines=True, encoding=read_encoding(encoding), encoding_errors="strict")
         else:
-            df = pd.read_csv(path, sep="\t" if kind == "tsv" else ",", encoding=encoding or "utf-8",
+            df = pd.read_csv(path, sep="\t" if kind == "tsv" else ",", encoding=read_encoding(encoding),
                              encoding_errors="strict", dtype=str, keep_default_na=False)
     except (UnicodeDecodeError, LookupError) as exc:
         raise decode_error(path, encoding, exc) from None
@@ -74,11 +78,16 @@ def select_columns(df: pd.DataFrame, text_col: str, label_col: str, where: str) 
         if col not in df.columns:
             raise UserError(f"{key}: column '{col}' not found in {where} "
                             f"(columns: {', '.join(map(str, df.columns))}); set {key} in params.yaml")
-    out = pd.DataFrame({"text": df[text_col], "label": df[label_col]})
-    # Class-label features from the hub arrive as ints; keep names when the feature has them.
-    out["text"] = out["text"].map(lambda v: "" if v is None or (isinstance(v, float) and pd.isna(v)) else str(v))
-    out["label"] = out["label"].map(lambda v: "" if v is None or (isinstance(v, float) and pd.isna(v)) else str(v))
-    return out
+    return pd.DataFrame({"text": as_text(df[text_col]), "label": as_text(df[label_col])})
+
+
+def as_text(values: pd.Series) -> pd.Series:
+    """Cells as strings, missing ones (None, NaN, pd.NA of a nullable column) as "", which clean() drops and
+    counts. A float column holding only whole numbers is an int column with gaps as pandas reads it: 1, not 1.0."""
+    whole = values.dropna() if pd.api.types.is_float_dtype(values) else None
+    if whole is not None and ((whole % 1 == 0) & (whole.abs() < 2**53)).all():
+        values = values.astype("Int64")
+    return values.map(lambda v: "" if v is None or (pd.api.types.is_scalar(v) and pd.isna(v)) else str(v))
 
 
 def clean(df: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]:
@@ -141,13 +150,28 @@ def remove_cross_split_overlap(splits: dict[str, pd.DataFrame]) -> tuple[dict[st
 
 
 def cap_train(train: pd.DataFrame, max_samples: int | None, seed: int) -> pd.DataFrame:
+    """A seeded, stratified sample of `max_samples` train rows that keeps every class: each class keeps one row and
+    the rest is shared in proportion to class size (largest remainders first), so validation and test never hold
+    a class that train lost."""
     if max_samples is None or max_samples >= len(train):
         return train
-    n_classes = train["label"].nunique()
-    if max_samples < n_classes:
-        raise UserError(f"data.max_train_samples: {max_samples} is fewer than the {n_classes} classes")
-    kept, _ = train_test_split(train, train_size=max_samples, stratify=train["label"], random_state=seed)
-    return kept
+    counts = train["label"].value_counts().sort_index()
+    if max_samples < len(counts):
+        raise UserError(f"data.max_train_samples: {max_samples} is fewer than the {len(counts)} classes in the train "
+                        f"split, so a class would be lost; set it to at least {len(counts)} (or null for no cap)")
+    share = counts * (max_samples - len(counts)) / len(train)
+    quota = 1 + share.astype(int)
+    rest = max_samples - int(quota.sum())
+    by_remainder = (share - share.astype(int)).sort_values(ascending=False, kind="stable").index
+    while rest:
+        for label in by_remainder:
+            if rest and quota[label] < counts[label]:
+                quota[label] += 1
+                rest -= 1
+    train = train.reset_index(drop=True)
+    kept = [group.sample(n=int(quota[label]), random_state=seed)
+            for label, group in train.groupby("label", sort=True)]
+    return train.loc[sorted(pd.concat(kept).index)]
 
 
 def check_labels_seen(splits: dict[str, pd.DataFrame]) -> None:
@@ -188,14 +212,20 @@ def prepare(p: Params) -> Prepared:
             splits[name], d = clean(select_columns(frame, p.data.text_column, p.data.label_column,
                                                    f"{where} ({name})"))
             drops = {k: drops[k] + d[k] for k in drops}
+            if splits[name].empty and name != "train":
+                # e.g. a hub test split without labels (ClassLabel -1): treated like a split the source lacks
+                del splits[name]
+                print(f"prepare: the {name} split of {where} has no labelled rows; carving {name} out of train",
+                      file=sys.stderr, flush=True)
         splits = fill_missing_splits(
             splits, lambda train: stratified_split(train, p.data.validation_size, p.data.test_size, p.data.seed),
             lambda a, b: pd.concat([a, b]))
         splits, drops["cross_split_duplicate"] = remove_cross_split_overlap(splits)
-        check_classes(splits["train"], 1, "the train split")
-    check_labels_seen(splits)
+    # The cap comes before the class checks, so they judge the train split that tokenize will see.
     before_cap = len(splits["train"])
     splits["train"] = cap_train(splits["train"], p.data.max_train_samples, p.data.seed)
+    check_classes(splits["train"], 1, "the train split")
+    check_labels_seen(splits)
     splits = {k: splits[k].reset_index(drop=True) for k in SPLITS}
     hashes = {k: content_hash(records(v)) for k, v in splits.items()}
     report = {

@@ -135,6 +135,28 @@ def random_split(sentences: list[Sentence], validation_size: float, test_size: f
     return {k: [sentences[i] for i in sorted(idx)] for k, idx in parts.items()}
 
 
+def cap_train(train: list[Sentence], max_samples: int | None, seed: int) -> list[Sentence]:
+    """A seeded sample of `max_samples` train sentences that keeps every entity type: in a random order, first a
+    sentence for each type not yet covered, then the rest; so the cap never makes a type unseen in train."""
+    if not max_samples or max_samples >= len(train):
+        return train
+    order = np.random.default_rng(seed).permutation(len(train))
+    types = [{kind for kind, _, _ in entity_spans(s.tags)} for s in train]
+    needed = set().union(*types)
+    keep = []
+    for i in order:
+        if types[i] & needed:
+            keep.append(i)
+            needed -= types[i]
+    if len(keep) > max_samples:
+        raise UserError(f"data.max_train_samples: {max_samples} train sentences cannot hold all "
+                        f"{len(set().union(*types))} entity types of the train split (this seed needs {len(keep)}); "
+                        "raise it, or set it to null for no cap")
+    chosen = set(keep)
+    keep += [i for i in order if i not in chosen][:max_samples - len(keep)]
+    return [train[i] for i in sorted(keep)]
+
+
 def records(sentences: list[Sentence]):
     """A split's sentences as the records its content hash is taken over (CoNLL lines, a blank line after each)."""
     return ("".join(f"{t}\t{g}\n" for t, g in zip(s.tokens, s.tags, strict=True)) + "\n" for s in sentences)
@@ -171,9 +193,7 @@ def prepare(p: Params) -> Prepared:
         if not splits[name]:
             raise UserError(f"data.source: the {name} split of {p.data.source} has no sentences")
     before_cap = len(splits["train"])
-    if p.data.max_train_samples and p.data.max_train_samples < before_cap:
-        keep = np.random.default_rng(p.data.seed).choice(before_cap, p.data.max_train_samples, replace=False)
-        splits["train"] = [splits["train"][i] for i in sorted(keep)]
+    splits["train"] = cap_train(splits["train"], p.data.max_train_samples, p.data.seed)
     stats = {k: split_stats(splits[k]) for k in SPLITS}
     types = sorted(stats["train"]["entities"])
     if not types:
