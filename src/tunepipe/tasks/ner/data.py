@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import codecs
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from tunepipe.data import (
     describe,
     fill_missing_splits,
     load_hf,
+    read_encoding,
     split_files,
 )
 from tunepipe.errors import UserError
@@ -48,8 +48,7 @@ class Sentence:
 def read_conll(path: Path, encoding: str | None = None) -> list[Sentence]:
     """`TOKEN [more columns] TAG` per line, a blank line between sentences, `-DOCSTART-` lines skipped."""
     try:
-        # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the first token.
-        codec = "utf-8-sig" if codecs.lookup(encoding or "utf-8").name == "utf-8" else encoding
+        codec = read_encoding(encoding)  # a byte-order mark (Windows editors write one) is not part of a token
         # Lines end at \n only (read_text turns \r\n and \r into \n): str.splitlines would also cut a token at
         # U+0085 or U+2028.
         lines = path.read_text(encoding=codec, errors="strict").split("\n")
