@@ -31,6 +31,8 @@ def tracking_uri(t: TrackingParams, root: Path | None = None) -> str:
 
 def setup(t: TrackingParams, root: Path | None = None) -> str:
     """Point MLflow at the tracking store and make sure the experiment exists; returns its id."""
+    if masked(tracking_uri(t, root)) != tracking_uri(t, root):  # MLflow prints run links with the URI as given
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri(t, root))
