@@ -140,14 +140,14 @@ def test_registry_lock_judges_staleness_on_the_waiters_own_clock(reg, monkeypatc
     lock = f"{reg.name}.promote-lock"
     real_time = time.time
     with locks._registry_lock(reg.client, reg.name, timeout=5):
-        token = reg.client.get_registered_model(lock).tags["token"]
+        held = reg.client.get_registered_model(lock).creation_timestamp
         monkeypatch.setattr(time, "time", lambda: real_time() + skew)  # the waiter's skewed wall clock
         t0 = time.monotonic()
         with pytest.raises(UserError, match="gave up after 3s waiting for registry lock"):
             with locks._registry_lock(reg.client, reg.name, timeout=3):
                 pass
         assert time.monotonic() - t0 >= 3  # three times STALE: the heartbeat kept it alive
-        assert reg.client.get_registered_model(lock).tags["token"] == token  # still the live holder's
+        assert reg.client.get_registered_model(lock).creation_timestamp == held  # still the live holder's entry
         monkeypatch.setattr(time, "time", real_time)
     assert not reg.client.search_registered_models(f"name = '{lock}'")
 
@@ -168,8 +168,8 @@ def test_registry_lock_release_leaves_another_holders_entry(reg, monkeypatch):
         reg.client.delete_registered_model(lock)  # what a waiter breaking it does, then it takes the lock
         reg.client.create_registered_model(lock, tags={"token": "other-holder", "heartbeat": "0"})
         time.sleep(0.5)  # several heartbeat periods
-    entry = reg.client.get_registered_model(lock)
-    assert entry.tags == {"token": "other-holder", "heartbeat": "0"}
+    entries = reg.client.search_registered_models(f"name = '{lock}'")
+    assert [e.tags for e in entries] == [{"token": "other-holder", "heartbeat": "0"}]
     reg.client.delete_registered_model(lock)
     with locks._registry_lock(reg.client, reg.name, timeout=5):  # the owner's own release still works
         pass
@@ -194,13 +194,13 @@ def test_store_password_reaches_no_tag_param_output_or_message(onnx_exports, tmp
         meta = {"data_hash": "d" * 64, "hashes": {"test": "t" * 64}}
         run_id = tracking.start_training_run(p, None, meta, "fp", "cpu", "fp32")
         out = tracking.register(p, run_id, onnx_exports["random"], INFO, METRICS, {"fp32_max_abs_logit_diff": 0})
-        assert os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] == "true"  # no "View run at <uri>" links
         run = reg.client.get_run(run_id)
         version = reg.client.get_model_version(reg.name, str(out["version"]))
         stored = [*run.data.params.values(), *run.data.tags.values(), *version.tags.values()]
         assert stored and not [s for s in stored if PASSWORD in s]
         assert json.loads(version.tags["params"])["tracking"]["uri"] == uri.replace(PASSWORD, "***")
         assert all(PASSWORD not in v for v in tracking.flat_params(p, ("tracking", "sweep")).values())
+        assert os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] == "true"  # no "View run at <uri>" links
 
         n = str(out["version"])
         shown = [reg.cli(*args) for args in (["models"], ["models", "--json"], ["models", "--version", n],
