@@ -6,12 +6,14 @@ takes raw text and returns the task's served output, with the tokenizer inside.
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
+from pathlib import Path
 
 import datasets
 
-from tunepipe import tracking
+from tunepipe import exporting, tracking
 from tunepipe.errors import UserError, run_main
 from tunepipe.exporting import INT8_AGREEMENT_BAR, INT8_RECIPE, export_onnx, input_names, parity, quantize_int8
 from tunepipe.files import atomic_dir, read_json, write_json
@@ -19,6 +21,7 @@ from tunepipe.modeling import load_trained
 from tunepipe.params import load_params
 from tunepipe.paths import EXPORT, EXPORT_META, EXPORT_REPORT, METRICS, MODEL, TOKENIZED
 from tunepipe.progress import say
+from tunepipe.serving import PYFUNC_CODE
 
 
 def main() -> None:
@@ -49,11 +52,17 @@ def main() -> None:
         # The served model's metadata, from the trained model's (serving/pyfunc_model.py reads it).
         write_json(tmp / EXPORT_META, {"task": info["task"], "labels": info["labels"],
                                        "max_length": info["max_length"], "input_names": inputs})
-    report["export_seconds"] = round(time.time() - t0, 1)
-    # The exporter may keep weights in an external-data file beside model.onnx.
-    report["fp32_mb"] = round(sum(f.stat().st_size for f in EXPORT.glob("model.onnx*")) / 2**20, 1)
-    report["int8_mb"] = round((EXPORT / "model.int8.onnx").stat().st_size / 2**20, 1)
-    report["registered"] = tracking.register(p, info["run_id"], EXPORT, info, read_json(METRICS), report)
+        report["export_seconds"] = round(time.time() - t0, 1)
+        # The exporter may keep weights in an external-data file beside model.onnx.
+        report["fp32_mb"] = round(sum(f.stat().st_size for f in tmp.glob("model.onnx*")) / 2**20, 1)
+        report["int8_mb"] = round((tmp / "model.int8.onnx").stat().st_size / 2**20, 1)
+        # Registered from the temp dir before it becomes models/onnx: a run killed before the move leaves
+        # models/onnx and dvc.lock as they were, so `dvc repro` runs export again, and the fingerprint (the
+        # trained model, the export settings and code) makes that run reuse the version it may have registered.
+        fingerprint = tracking.content_fingerprint(MODEL, json.dumps(p.export.model_dump(), sort_keys=True),
+                                                   Path(exporting.__file__), PYFUNC_CODE)
+        report["registered"] = tracking.register(p, info["run_id"], tmp, info, read_json(METRICS), report,
+                                                 fingerprint)
     write_json(EXPORT_REPORT, report)
     reg = report["registered"]
     bar = "meets" if report["int8_meets_bar"] else "is below"

@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Callable
 
 from tunepipe.progress import quiet_libraries
+
+# scheme://user:PASSWORD@host -> scheme://user:***@host (SQLAlchemy's hide_password spelling), anywhere in a text;
+# up to the last @ of the word, so an unencoded @ in a password does not leave its tail shown.
+_URL_PASSWORD = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*:)[^\s\"']+@")
+
+
+def masked(text: str) -> str:
+    """`text` with the password of every URL in it replaced by ***: store URIs (tracking.uri, sweep.storage,
+    $MLFLOW_TRACKING_URI) reach tags, run params, messages and printed output only through this."""
+    return _URL_PASSWORD.sub(r"\1***@", text)
 
 
 class UserError(Exception):
@@ -18,7 +29,7 @@ def run_main(main: Callable[[], object]) -> None:
     try:
         main()
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {masked(str(exc))}", file=sys.stderr)  # a last guard: messages should be masked already
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -3,6 +3,9 @@ registration of each exported model."""
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
+import json
 import os
 import subprocess
 import time
@@ -10,6 +13,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from tunepipe.errors import masked
 from tunepipe.params import Params, TrackingParams
 from tunepipe.paths import MLFLOW_ARTIFACTS, MLFLOW_DB
 from tunepipe.serving import PYFUNC_CODE
@@ -27,6 +31,8 @@ def tracking_uri(t: TrackingParams, root: Path | None = None) -> str:
 
 def setup(t: TrackingParams, root: Path | None = None) -> str:
     """Point MLflow at the tracking store and make sure the experiment exists; returns its id."""
+    if masked(tracking_uri(t, root)) != tracking_uri(t, root):  # MLflow prints run links with the URI as given
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri(t, root))
@@ -51,9 +57,9 @@ def flat_params(p: Params, sections: tuple[str, ...] = ("task", "data", "model",
     for sec in sections:
         val = dumped[sec]
         if isinstance(val, dict):
-            out.update({f"{sec}.{k}": str(v) for k, v in val.items()})
+            out.update({f"{sec}.{k}": masked(str(v)) for k, v in val.items()})
         else:
-            out[sec] = str(val)
+            out[sec] = masked(str(val))
     return out
 
 
@@ -122,37 +128,86 @@ def start_training_run(p: Params, run_id: str | None, meta: dict, fp: str, devic
     return run.info.run_id
 
 
-def register(p: Params, run_id: str, onnx_dir: Path, info: dict, metrics: dict, parity_report: dict) -> dict:
-    """Log the served model (pyfunc from code, the ONNX export as its artifact) on the run and register it as a new
-    version of tracking.model_name, tagged with what it was trained and scored on."""
-    import json
+# What the served model imports; registered versions pin the versions it was exported and checked with.
+SERVING_REQUIREMENTS = ("onnxruntime", "transformers", "tokenizers", "pandas", "numpy", "mlflow")
+FINGERPRINT_TAG = "export_fingerprint"
 
+
+def pinned_requirements() -> list[str]:
+    out = []
+    for name in SERVING_REQUIREMENTS:
+        try:
+            out.append(f"{name}=={importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            out.append(name)  # e.g. onnxruntime-gpu installed instead: let the serving side pick the build
+    return out
+
+
+def content_fingerprint(*parts: Path | str) -> str:
+    """sha256 over files (directories walked in sorted order, relative names included) and plain strings."""
+    h = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, str):
+            h.update(b"s" + part.encode() + b"\0")
+            continue
+        files = sorted(f for f in part.rglob("*") if f.is_file()) if part.is_dir() else [part]
+        for f in files:
+            h.update(b"f" + str(f.relative_to(part) if part.is_dir() else f.name).encode() + b"\0")
+            h.update(f.read_bytes())
+    return h.hexdigest()[:32]
+
+
+def registered_version(client, name: str, fingerprint: str):
+    """The version already registered for this export (by a run of export that died before finishing), if any."""
     import mlflow
 
+    try:
+        found = client.search_model_versions(f"name = '{name}' and tags.{FINGERPRINT_TAG} = '{fingerprint}'")
+    except mlflow.exceptions.MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    return min(found, key=lambda mv: int(mv.version), default=None)
 
-    setup(p.tracking)
-    example = ["what a great flight", "the service was awful"]
-    with mlflow.start_run(run_id=run_id):
-        mlflow.log_metrics({k: float(v) for k, v in parity_report.items() if isinstance(v, int | float)})
-        logged = mlflow.pyfunc.log_model(
-            name="model", python_model=str(PYFUNC_CODE), artifacts={"model_dir": str(onnx_dir)},
-            input_example=example, registered_model_name=p.tracking.model_name,
-            pip_requirements=["onnxruntime", "transformers", "pandas", "numpy", "mlflow"])
-    client = mlflow.MlflowClient()
-    version = logged.registered_model_version
+
+def register(p: Params, run_id: str, onnx_dir: Path, info: dict, metrics: dict, parity_report: dict,
+             fingerprint: str | None = None) -> dict:
+    """Log the served model (pyfunc from code, the ONNX export as its artifact) on the run and register it as a
+    version of tracking.model_name, tagged with what it was trained and scored on.
+
+    Idempotent: the version carries `fingerprint` (default: a hash of onnx_dir) and its tags from its creation
+    (one registry call), so an export killed at any point and run again finds that version and reuses it
+    instead of registering another one, and no version is ever left untagged."""
+    import mlflow
+
+    fingerprint = fingerprint or content_fingerprint(onnx_dir)
+    name = p.tracking.model_name
     tags = {
+        FINGERPRINT_TAG: fingerprint,
         "git_commit": git_commit() or "unknown",
         "data_hash": info["data_hash"],
         "test_data_hash": info["test_data_hash"],
         "run_id": run_id,
         "task": info["task"],
-        "params": json.dumps(p.model_dump(exclude={"sweep", "promote"}), sort_keys=True),
+        # the params that reproduce it; store URIs without their passwords
+        "params": masked(json.dumps(p.model_dump(exclude={"sweep", "promote"}), sort_keys=True)),
         "metrics": json.dumps({k: v for k, v in metrics.items() if isinstance(v, int | float)}, sort_keys=True),
         "headline_metric": get_task(info["task"]).headline_metric,
+        **{f"metric.{k}": repr(float(v)) for k, v in metrics.items() if isinstance(v, int | float)},
     }
-    for k, v in metrics.items():
-        if isinstance(v, int | float):
-            tags[f"metric.{k}"] = repr(float(v))
-    for k, v in tags.items():
-        client.set_model_version_tag(p.tracking.model_name, str(version), k, v)
-    return {"model_name": p.tracking.model_name, "version": int(version), "model_uri": logged.model_uri}
+    setup(p.tracking)
+    client = mlflow.MlflowClient()
+    existing = registered_version(client, name, fingerprint)
+    if existing is not None:
+        for k, v in tags.items():  # complete it; tags it has keep the values of its first registration
+            if k not in (existing.tags or {}):
+                client.set_model_version_tag(name, existing.version, k, v)
+        return {"model_name": name, "version": int(existing.version), "model_uri": existing.source}
+    example = ["what a great flight", "the service was awful"]
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_metrics({k: float(v) for k, v in parity_report.items() if isinstance(v, int | float)})
+        logged = mlflow.pyfunc.log_model(
+            name="model", python_model=str(PYFUNC_CODE), artifacts={"model_dir": str(onnx_dir)},
+            input_example=example, pip_requirements=pinned_requirements())
+    version = mlflow.register_model(logged.model_uri, name, tags=tags)  # tags in the same call as the version
+    return {"model_name": name, "version": int(version.version), "model_uri": logged.model_uri}

@@ -97,7 +97,8 @@ def _client(params_file: str):
         raise UserError(f"tracking.uri: no MLflow registry at {uri.removeprefix('sqlite:///')}; run `dvc repro` "
                         "first (its export stage registers the model) or point tracking.uri at your store")
     mlflow.set_tracking_uri(uri)
-    return mlflow.MlflowClient(), p
+    with registry_errors("cannot open the MLflow registry"):  # a database store connects right here
+        return mlflow.MlflowClient(), p
 
 
 def cmd_promote(args: argparse.Namespace) -> None:

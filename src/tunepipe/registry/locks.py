@@ -6,7 +6,9 @@ import contextlib
 import hashlib
 import os
 import sys
+import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -14,7 +16,8 @@ from tunepipe.errors import UserError
 from tunepipe.registry.store import who
 
 LOCK_TIMEOUT_S = 300.0
-STALE_REGISTRY_LOCK_S = 120.0  # the locked section only re-reads and moves the alias: seconds, not minutes
+# A registry lock entry whose content has not changed for this long (the waiter's clock) is a dead holder's.
+STALE_REGISTRY_LOCK_S = 120.0
 
 
 # ---------------------------------------------------------------------------------------------- locking
@@ -75,33 +78,69 @@ def _pg_lock(uri: str, name: str, timeout: float) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _registry_lock(client, name: str, timeout: float) -> Iterator[None]:
-    """A registered model `<name>.promote-lock` exists while a promotion holds the lock (create is atomic)."""
+    """A registered model `<name>.promote-lock` exists while a promotion holds the lock (create is atomic).
+
+    No clocks are compared across machines: the holder bumps a `heartbeat` tag while it holds the lock, and a
+    waiter calls the entry stale only once its content (owner token, heartbeat) has stayed the same for
+    STALE_REGISTRY_LOCK_S on the waiter's own monotonic clock. Release deletes the entry only if it still
+    carries this holder's token."""
     import mlflow
 
     lock = f"{name}.promote-lock"
+    token = uuid.uuid4().hex
+    seen: dict[str, object] = {"content": None, "since": 0.0}
 
     def try_acquire() -> bool:
         try:
-            client.create_registered_model(lock, tags={"holder": who()},
+            client.create_registered_model(lock, tags={"holder": who(), "token": token, "heartbeat": "0"},
                                            description="tunepipe promote lock; removed when the promotion ends")
             return True
         except mlflow.exceptions.MlflowException as exc:
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
         with contextlib.suppress(mlflow.exceptions.MlflowException):
-            held = client.get_registered_model(lock)
-            # A holder that died leaves the entry behind; the locked section is short, so old means stale.
-            # (Two waiters breaking the same stale entry at once could both get in: rare, and the alias
-            # re-check under the lock still keeps a loser from being moved in.)
-            if time.time() - held.creation_timestamp / 1000 > STALE_REGISTRY_LOCK_S:
-                client.delete_registered_model(lock)
+            tags = client.get_registered_model(lock).tags or {}
+            content = (tags.get("token"), tags.get("heartbeat"))
+            if content != seen["content"]:  # a new holder, or a live one's heartbeat: start counting again
+                seen.update(content=content, since=time.monotonic())
+            elif time.monotonic() - seen["since"] > STALE_REGISTRY_LOCK_S:
+                # A holder that died leaves the entry behind. (Two waiters breaking the same stale entry at once
+                # could both get in: rare, and the alias re-check under the lock keeps a loser from moving it.)
+                _delete_if_owned(client, lock, content[0])
         return False
 
     _wait_for(try_acquire, timeout, f"registry lock {lock!r}")
+    stop = threading.Event()
+    beat = threading.Thread(target=_heartbeat, args=(client, lock, token, stop), daemon=True)
+    beat.start()
     try:
         yield
     finally:
+        stop.set()
+        beat.join()
+        _delete_if_owned(client, lock, token)
+
+
+def _heartbeat(client, lock: str, token: str, stop: threading.Event) -> None:
+    """Change the entry's content well within STALE_REGISTRY_LOCK_S, so waiters see the holder alive."""
+    import mlflow
+
+    n = 0
+    while not stop.wait(STALE_REGISTRY_LOCK_S / 4):
+        n += 1
         with contextlib.suppress(mlflow.exceptions.MlflowException):
+            if (client.get_registered_model(lock).tags or {}).get("token") != token:
+                return  # broken by a waiter (we looked dead): never keep another holder's entry alive
+            client.set_registered_model_tag(lock, "heartbeat", str(n))
+
+
+def _delete_if_owned(client, lock: str, token: str | None) -> None:
+    """Delete the lock entry only if it carries `token` (release by its holder, or a break of the stale entry
+    the waiter watched); read-then-delete is not atomic, but the window is one request wide."""
+    import mlflow
+
+    with contextlib.suppress(mlflow.exceptions.MlflowException):
+        if (client.get_registered_model(lock).tags or {}).get("token") == token:
             client.delete_registered_model(lock)
 
 

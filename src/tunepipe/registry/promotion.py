@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 from pathlib import Path
 
 from tunepipe.errors import UserError
@@ -16,7 +17,9 @@ from tunepipe.registry.store import (
     champion,
     champion_number,
     get_version,
+    incomplete,
     list_versions,
+    missing_tags,
     move_alias,
     now,
     record,
@@ -34,11 +37,20 @@ def promote(client, name: str, s: PromoteParams, version: int | None = None, ree
     require_model(client, name)
     if version is not None:
         cand = get_version(client, name, version)
+        if missing_tags(cand):
+            raise UserError(f"--version: {incomplete(name, cand)}; nothing was changed")
     else:
         versions = list_versions(client, name)
         if not versions:
             raise UserError(f"{name} has no versions yet; run `dvc repro` to register one")
-        cand = versions[-1]
+        # The newest completely registered version; newer half-registered ones are named and passed over.
+        complete = [v for v in versions if not missing_tags(v)]
+        for v in versions:
+            if missing_tags(v) and (not complete or v.number > complete[-1].number):
+                print(f"promote: skipping {incomplete(name, v)}", file=sys.stderr, flush=True)
+        if not complete:
+            raise UserError(f"{name} has no completely registered version; run `dvc repro` to register one")
+        cand = complete[-1]
         if cand.tags.get("champion.rolled_back_at"):
             raise UserError(f"{name} version {cand.number}, the newest, was rolled back from champion at "
                             f"{cand.tags['champion.rolled_back_at']}; pass --version {cand.number} to try it again")

@@ -9,10 +9,13 @@ import json
 import socket
 from collections.abc import Iterator
 
-from tunepipe.errors import UserError
+from tunepipe.errors import UserError, masked
 from tunepipe.registry.decision import Outcome, Version
 
 ALIAS = "champion"
+# Tags every version registered by the export stage carries from its creation; one lacking any was registered
+# some other way, or by an older export that died between registering and tagging.
+REQUIRED_TAGS = ("run_id", "task", "test_data_hash", "metrics")
 
 
 # ---------------------------------------------------------------------------------------------- registry reads
@@ -25,8 +28,8 @@ def _version(mv) -> Version:
 def mlflow_error(what: str, exc: Exception) -> UserError:
     import mlflow
 
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    return UserError(f"{what} (registry {mlflow.get_registry_uri()}): {first[:300]}; nothing was changed")
+    first = masked((str(exc).strip().splitlines() or [type(exc).__name__])[0])
+    return UserError(f"{what} (registry {masked(mlflow.get_registry_uri())}): {first[:300]}; nothing was changed")
 
 
 @contextlib.contextmanager
@@ -55,9 +58,20 @@ def require_model(client, name: str) -> None:
         client.get_registered_model(name)
     except mlflow.exceptions.MlflowException as exc:
         if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-            raise UserError(f"tracking.model_name: no registered model {name!r} in {mlflow.get_registry_uri()}; "
-                            "run `dvc repro` (its export stage registers it) or fix the name") from None
+            raise UserError(f"tracking.model_name: no registered model {name!r} in "
+                            f"{masked(mlflow.get_registry_uri())}; run `dvc repro` (its export stage registers it) "
+                            "or fix the name") from None
         raise
+
+
+def missing_tags(v: Version) -> list[str]:
+    return [k for k in REQUIRED_TAGS if not v.tags.get(k)]
+
+
+def incomplete(name: str, v: Version) -> str:
+    return (f"{name} version {v.number} lacks the tags `dvc repro` registers a model with "
+            f"({', '.join(missing_tags(v))}); run `dvc repro` to register the export completely (delete "
+            f"version {v.number} in the MLflow UI if it stays unused)")
 
 
 def list_versions(client, name: str) -> list[Version]:
@@ -115,7 +129,8 @@ def version_rows(client, name: str, metric: str) -> list[dict]:
             "git_commit": t.get("git_commit"),
             "run_id": v.run_id,
             "promote": "rolled back" if t.get("champion.rolled_back_at") else t.get("promote.decision"),
-            "params": json.loads(t["params"]) if t.get("params") else None,
+            # masked again on the way out: versions registered before params were masked carry the raw URI
+            "params": json.loads(masked(t["params"])) if t.get("params") else None,
         })
     return rows
 

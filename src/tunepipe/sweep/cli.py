@@ -13,7 +13,7 @@ from pathlib import Path
 
 import optuna
 
-from tunepipe.errors import UserError
+from tunepipe.errors import UserError, masked
 from tunepipe.files import read_json
 from tunepipe.params import Params, SweepParams, load_params
 from tunepipe.paths import AUGMENTED, PARAMS_FILE, PREPARED_META, SWEEP_REPORTS
@@ -23,7 +23,6 @@ from tunepipe.sweep.runner import Objective, _requeue_interrupted, _setup_tracki
 from tunepipe.sweep.study import (
     default_storage,
     make_pruner,
-    masked,
     open_storage,
     open_study,
     search_space,

@@ -11,7 +11,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from tunepipe.errors import UserError
+from tunepipe.errors import UserError, masked
 from tunepipe.params import Params, SweepParams
 from tunepipe.paths import OPTUNA_DB
 
@@ -66,12 +66,6 @@ def default_storage(root: Path | None = None) -> str:
     return f"sqlite:///{((root or Path.cwd()) / OPTUNA_DB).resolve()}"
 
 
-def masked(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    return make_url(url).render_as_string(hide_password=True)
-
-
 def open_storage(url: str, heartbeat_interval: int) -> optuna.storages.RDBStorage:
     """An RDB storage with heartbeats; a dead worker's trial is failed after 2 intervals and queued again."""
     import sqlalchemy
@@ -80,7 +74,7 @@ def open_storage(url: str, heartbeat_interval: int) -> optuna.storages.RDBStorag
     try:
         parsed = make_url(url)
     except sqlalchemy.exc.ArgumentError:
-        raise UserError(f"sweep.storage: {url!r} is not a database URL "
+        raise UserError(f"sweep.storage: {masked(url)!r} is not a database URL "
                         "(e.g. sqlite:///optuna.db or postgresql://user@host:5432/db)") from None
     backend = parsed.get_backend_name()
     kwargs: dict = {"pool_pre_ping": True}
@@ -95,7 +89,7 @@ def open_storage(url: str, heartbeat_interval: int) -> optuna.storages.RDBStorag
         engine.dispose()
     except (sqlalchemy.exc.SQLAlchemyError, ImportError) as exc:
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-        raise UserError(f"sweep.storage: cannot connect to {masked(url)}: {reason}") from None
+        raise UserError(f"sweep.storage: cannot connect to {masked(url)}: {masked(reason)}") from None
     with _experimental_ok():
         for attempt in range(5):
             try:
