@@ -96,7 +96,7 @@ def _client(params_file: str):
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///").split("?", 1)[0]).is_file():
         raise UserError(f"tracking.uri: no MLflow registry at {uri.removeprefix('sqlite:///')}; run `dvc repro` "
                         "first (its export stage registers the model) or point tracking.uri at your store")
-    mlflow.set_tracking_uri(uri)
+    mlflow.set_tracking_uri(tracking.check_reachable(p.tracking))
     return mlflow.MlflowClient(), p
 
 
