@@ -118,7 +118,7 @@ def test_promote_and_models_stop_in_seconds_when_the_tracking_server_does_not_an
     message = (f"{key}: cannot reach the MLflow tracking server at {uri.replace('s3cret', '***')} (Connection "
                f"refused); start it (or fix {key}), or {local} to use {LOCAL}")
     for argv in (["promote"], ["models"], ["registry", "list"], ["promote", "--rollback"]):
-        fails_fast(lambda argv=argv: cli(argv), capsys, message)
+        assert fails_fast(lambda argv=argv: cli(argv), capsys, message) == f"error: {message}; nothing was changed"
 
 
 def test_a_tracking_database_that_does_not_answer_fails_fast(project, capsys):
@@ -128,7 +128,8 @@ def test_a_tracking_database_that_does_not_answer_fails_fast(project, capsys):
     line = fails_fast(lambda: cli(["models"]), capsys,
                       f"tracking.uri: cannot reach the MLflow tracking database at "
                       f"postgresql://alice:***@127.0.0.1:{port}/mlflow (")
-    assert "Connection refused" in line and line.endswith(f"or set tracking.uri: null in params.yaml to use {LOCAL}")
+    assert "Connection refused" in line and line.endswith(
+        f"or set tracking.uri: null in params.yaml to use {LOCAL}; nothing was changed")
 
 
 def test_a_reachable_store_passes_the_check(project):
