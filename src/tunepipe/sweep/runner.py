@@ -120,6 +120,8 @@ class Objective:
             raise
         except UserError:
             raise  # a mistake in params or data fails every trial alike: stop with its message
+        except optuna.exceptions.UpdateFinishedTrialError:
+            raise  # another worker failed it as stale: not this trial's fault (run_trials goes on)
         except Exception as exc:  # this trial's own failure (KeyboardInterrupt is not an Exception: it stops)
             self._failed(trial, exc)
         self.failed_in_a_row = 0
