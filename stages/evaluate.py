@@ -20,6 +20,7 @@ from tunepipe.progress import say
 def main() -> None:
     datasets.disable_caching()  # cache files would land inside upstream outputs and dirty them for DVC
     p = load_params()
+    tracking.check_reachable(p.tracking)  # before evaluating, not after it
     info, task, model, tokenizer = load_trained(MODEL)  # the task comes from the model's own metadata
     test = datasets.load_from_disk(str(TOKENIZED))["test"]
     result = task.evaluate(model, tokenizer, test, info["labels"], REPORTS)

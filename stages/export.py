@@ -29,6 +29,7 @@ def main() -> None:
 
     datasets.disable_caching()  # cache files would land inside upstream outputs and dirty them for DVC
     p = load_params()
+    tracking.check_reachable(p.tracking)  # before exporting, not at registration
     info, task, model, tokenizer = load_trained(MODEL)  # the task comes from the model's own metadata
     inputs = input_names(tokenizer)
     test = datasets.load_from_disk(str(TOKENIZED))["test"]

@@ -28,6 +28,7 @@ from tunepipe.training import build_trainer, fingerprint, history_curves, resuma
 def main() -> None:
     datasets.disable_caching()  # cache files would land inside upstream outputs and dirty them for DVC
     p = load_params()
+    tracking.check_reachable(p.tracking)  # before training, not after it
     metric = get_task(p.task).headline_metric
     meta = read_json(PREPARED_META)
     labels = meta["labels"]

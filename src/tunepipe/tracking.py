@@ -13,7 +13,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from tunepipe.errors import masked
+from tunepipe.errors import UserError, masked
 from tunepipe.params import Params, TrackingParams
 from tunepipe.paths import MLFLOW_ARTIFACTS, MLFLOW_DB
 from tunepipe.serving import PYFUNC_CODE
@@ -29,13 +29,92 @@ def tracking_uri(t: TrackingParams, root: Path | None = None) -> str:
     return f"sqlite:///{((root or Path.cwd()) / MLFLOW_DB).resolve()}"
 
 
+# One quick try: MLflow's own client retries an unreachable store for minutes, then ends in a traceback.
+REACH_TIMEOUT_S = 5
+_DB_BACKENDS = ("postgresql", "mysql", "mssql", "oracle")
+
+
+def check_reachable(t: TrackingParams, root: Path | None = None) -> str:
+    """Fail in seconds, with what to do, when the tracking server or database does not answer; returns the URI.
+
+    Stages call this before their work starts (finetune before training, export before exporting), so a store that
+    is down costs seconds, not a training run. Local stores (sqlite, file paths) need no check.
+    """
+    uri = tracking_uri(t, root)
+    scheme = uri.split(":", 1)[0].split("+", 1)[0].lower()
+    if scheme in ("http", "https"):
+        problem = _http_problem(uri, t.experiment)
+        what = "the MLflow tracking server"
+    elif scheme in _DB_BACKENDS:
+        problem = _db_problem(uri)
+        what = "the MLflow tracking database"
+    else:
+        return uri
+    if problem is None:
+        return uri
+    shown = masked(uri)
+    key = "tracking.uri" if t.uri else "MLFLOW_TRACKING_URI"
+    local = ("set tracking.uri: null in params.yaml" if t.uri else "unset MLFLOW_TRACKING_URI") + \
+        f" to use the project's local sqlite store ({MLFLOW_DB})"
+    if problem.startswith("HTTP 401") or problem.startswith("HTTP 403"):
+        raise UserError(f"{key}: {what} at {shown} refused the request ({problem}); set MLFLOW_TRACKING_USERNAME and "
+                        f"MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) for it, or {local}")
+    problem = masked(problem)  # a reason quoting the URL must not show its password either
+    raise UserError(f"{key}: cannot reach {what} at {shown} ({problem}); start it (or fix {key}), or {local}")
+
+
+def _http_problem(uri: str, experiment: str) -> str | None:
+    """None if an MLflow server answers at `uri`, else why not, in a few words."""
+    import re
+
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    try:  # MLflow's own request: the same credentials and TLS settings as the runs will use
+        response = http_request(get_default_host_creds(uri), "/api/2.0/mlflow/experiments/get-by-name", "GET",
+                                max_retries=0, backoff_factor=0, timeout=REACH_TIMEOUT_S, raise_on_status=False,
+                                params={"experiment_name": experiment})
+    except MlflowException as exc:
+        causes, cause = [], exc
+        while cause is not None:
+            causes.append(cause)
+            cause = cause.__cause__ or cause.__context__
+        text = " ".join(f"{type(c).__name__}: {c}" for c in causes)
+        if "Timeout" in text:
+            return f"no answer within {REACH_TIMEOUT_S}s"
+        found = re.search(r"\[Errno -?\d+\] ([^\"'()\]]+)", text)
+        return found.group(1).strip() if found else str(exc).splitlines()[0][:200]
+    if response.status_code in (401, 403):
+        return f"HTTP {response.status_code}"
+    if response.status_code == 200 or '"error_code"' in response.text:  # MLflow answered (404: no experiment yet)
+        return None
+    return f"HTTP {response.status_code}, not an MLflow tracking server's answer"
+
+
+def _db_problem(uri: str) -> str | None:
+    """None if the database at `uri` accepts a connection within the timeout, else why not."""
+    import sqlalchemy
+
+    try:
+        url = sqlalchemy.engine.make_url(uri)
+        args = {"connect_timeout": REACH_TIMEOUT_S} if url.get_backend_name() in ("postgresql", "mysql") else {}
+        engine = sqlalchemy.create_engine(url, connect_args=args, poolclass=sqlalchemy.pool.NullPool)
+        with engine.connect():
+            pass
+        engine.dispose()
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError) as exc:
+        return (str(getattr(exc, "orig", None) or exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    return None
+
+
 def setup(t: TrackingParams, root: Path | None = None) -> str:
     """Point MLflow at the tracking store and make sure the experiment exists; returns its id."""
     if masked(tracking_uri(t, root)) != tracking_uri(t, root):  # MLflow prints run links with the URI as given
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri(t, root))
+    mlflow.set_tracking_uri(check_reachable(t, root))
     client = mlflow.MlflowClient()
     exp = client.get_experiment_by_name(t.experiment)
     if exp is not None:

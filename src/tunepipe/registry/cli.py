@@ -96,7 +96,10 @@ def _client(params_file: str):
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///").split("?", 1)[0]).is_file():
         raise UserError(f"tracking.uri: no MLflow registry at {uri.removeprefix('sqlite:///')}; run `dvc repro` "
                         "first (its export stage registers the model) or point tracking.uri at your store")
-    mlflow.set_tracking_uri(uri)
+    try:
+        mlflow.set_tracking_uri(tracking.check_reachable(p.tracking))
+    except UserError as exc:  # said like the registry's other errors
+        raise UserError(f"{exc}; nothing was changed") from None
     with registry_errors("cannot open the MLflow registry"):  # a database store connects right here
         return mlflow.MlflowClient(), p
 

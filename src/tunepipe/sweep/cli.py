@@ -19,7 +19,14 @@ from tunepipe.params import Params, SweepParams, load_params
 from tunepipe.paths import AUGMENTED, PARAMS_FILE, PREPARED_META, SWEEP_REPORTS
 from tunepipe.sweep.apply import _apply
 from tunepipe.sweep.report import _log_summary, write_reports
-from tunepipe.sweep.runner import Objective, _requeue_interrupted, _setup_tracking, close_dead_runs, run_trials
+from tunepipe.sweep.runner import (
+    Objective,
+    TooManyFailures,
+    _requeue_interrupted,
+    _setup_tracking,
+    close_dead_runs,
+    run_trials,
+)
 from tunepipe.sweep.study import (
     default_storage,
     make_pruner,
@@ -91,6 +98,7 @@ def sweep(p: Params, sw: SweepParams, url: str, params_file: str | Path = PARAMS
     labels = meta["labels"]
     check_evaluated(p, sw, len(dsd["train"]))
     metric = get_task(p.task).headline_metric
+    tracking.check_reachable(p.tracking)
     storage = open_storage(url, sw.heartbeat_interval)
     first_eval = min(len(dsd["train"]) * p.finetune.epochs, p.finetune.eval_steps * min(sw.batch_size))
     study, created, seed = open_study(storage, sw.study, sw, search_space(sw, metric),
@@ -114,10 +122,13 @@ def sweep(p: Params, sw: SweepParams, url: str, params_file: str | Path = PARAMS
           f"(seed {seed}), pruner {sw.pruner}; MLflow run {parent}", flush=True)
 
     objective = Objective(p, sw, dsd, labels, sw.trials, exp_id, parent)
-    start, status = time.monotonic(), "FAILED"
+    start, status, stopped = time.monotonic(), "FAILED", None
     try:
         close_dead_runs(study)
-        run_trials(study, objective, sw.trials, sw.timeout, sw.heartbeat_interval)
+        try:
+            run_trials(study, objective, sw.trials, sw.timeout, sw.heartbeat_interval)
+        except TooManyFailures as exc:
+            stopped = exc  # the reports still show what ran; then the sweep stops with the message
         close_dead_runs(study)
         summary = write_reports(study, {
             "study": sw.study, "storage": masked(url), "metric": metric, "target_trials": sw.trials,
@@ -125,7 +136,7 @@ def sweep(p: Params, sw: SweepParams, url: str, params_file: str | Path = PARAMS
             "invocation": {"wall_time_s": round(time.monotonic() - start, 1), "trials_run": objective.ran,
                            "mlflow_run_id": parent}}, out_dir)
         _log_summary(client, parent, summary, out_dir)
-        status = "FINISHED"
+        status = "FAILED" if stopped else "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
         _requeue_interrupted(study, objective.current)
@@ -137,6 +148,8 @@ def sweep(p: Params, sw: SweepParams, url: str, params_file: str | Path = PARAMS
           f"({objective.ran} run here in {summary['invocation']['wall_time_s']}s); "
           + (f"best validation {metric} {best['value']:.4f} (trial {best['trial']}: {best['params']}); "
              if best else "no complete trial yet; ") + f"reports in {out_dir}/", flush=True)
+    if stopped:
+        raise stopped
     if apply:
         _apply(study, params_file)
     return summary

@@ -13,7 +13,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from tunepipe.files import write_json, write_text
 from tunepipe.paths import SWEEP_REPORTS
-from tunepipe.sweep.study import FINISHED, TUNED, trial_counts
+from tunepipe.sweep.study import ERROR_ATTR, FINISHED, TUNED, trial_counts
 
 # ---- reports ----
 
@@ -25,6 +25,10 @@ def write_reports(study: optuna.Study, summary: dict, out_dir: Path = SWEEP_REPO
     best = max(complete, key=lambda t: t.value) if complete else None
     summary = {**summary, "trials": counts,
                "best": {"value": best.value, "trial": best.number, "params": best.params} if best else None,
+               # Trials whose training raised, with why (a worker that died leaves no error: its trial is retried).
+               "failures": [{"trial": t.number, "params": t.params, "error": t.user_attrs[ERROR_ATTR]}
+                            for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+                            if ERROR_ATTR in t.user_attrs],
                "trial_epochs": round(sum(t.user_attrs.get("epochs_run", 0.0) for t in trials), 3),
                "study_elapsed_s": _elapsed(trials)}
     out_dir.mkdir(parents=True, exist_ok=True)

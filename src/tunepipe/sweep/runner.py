@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+import re
 import secrets
 import shutil
 import sys
@@ -14,8 +16,10 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from transformers import PrinterCallback, TrainerCallback
 
+from tunepipe.errors import UserError, masked
 from tunepipe.params import Params, SweepParams
 from tunepipe.sweep.study import (
+    ERROR_ATTR,
     MAX_RETRY,
     RUN_ATTR,
     SURPLUS_ATTR,
@@ -27,9 +31,35 @@ from tunepipe.sweep.study import (
     trial_params,
 )
 
+# A systematic error (every trial runs out of memory, the tracking server went away) stops the sweep after this many
+# failed trials in a row instead of using up its time on trials that cannot finish.
+MAX_FAILURES_IN_A_ROW = 3
+
 
 class SurplusTrial(Exception):
     """A trial created after the study's slots were all taken by other workers; it is failed unrun."""
+
+
+class TrialFailed(Exception):
+    """A trial whose training raised (out of memory, a diverging run...): failed in the study, and the sweep goes on."""
+
+
+class TooManyFailures(UserError):
+    """MAX_FAILURES_IN_A_ROW trials failed one after another: the sweep stops with the last error."""
+
+
+class _QuietTrialFailures(logging.Filter):
+    """Optuna logs a failed trial with the exception's traceback; for the failures the sweep reports itself
+    (TrialFailed: one line; UserError: the `error:` line it stops with) that would be a traceback for nothing."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], TrialFailed | UserError):
+            return False
+        # Its follow-up line for an exception (the trial has no value): "Trial 3 failed with value None."
+        return not re.fullmatch(r"Trial \d+ failed with value None\.", record.getMessage())
+
+
+_QUIET = _QuietTrialFailures()
 
 
 # ---- one trial ----
@@ -67,6 +97,7 @@ class Objective:
         self.metric = get_task(p.task).headline_metric
         self.current: int | None = None  # trial number in progress, for Ctrl-C handling
         self.ran = 0
+        self.failed_in_a_row = 0
 
     def __call__(self, trial: optuna.Trial) -> float:
         if n_reserved(trial.study, before=trial.number) >= self.target:
@@ -74,6 +105,41 @@ class Objective:
             trial.study.stop()
             raise SurplusTrial(f"all {self.target} slots are taken by other workers; not run")
         self.current = trial.number
+        try:
+            value = self._train(trial)
+        except optuna.TrialPruned:
+            self.failed_in_a_row = 0
+            raise
+        except UserError:
+            raise  # a mistake in params or data fails every trial alike: stop with its message
+        except optuna.exceptions.UpdateFinishedTrialError:
+            raise  # another worker failed it as stale: not this trial's fault (run_trials goes on)
+        except Exception as exc:  # this trial's own failure (KeyboardInterrupt is not an Exception: it stops)
+            self._failed(trial, exc)
+        self.failed_in_a_row = 0
+        return value
+
+    def _failed(self, trial: optuna.Trial, exc: Exception) -> None:
+        """Record why the trial failed (trial attr, MLflow tag), say it in one line, and fail it (or the sweep)."""
+        import mlflow
+
+        first = (str(exc).strip().splitlines() or [""])[0]
+        error = masked(f"{type(exc).__name__}: {first}".rstrip(": "))[:500]
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):  # failed as stale meanwhile
+            trial.set_user_attr(ERROR_ATTR, error)
+        run_id = trial.user_attrs.get(RUN_ATTR)
+        if run_id:
+            with contextlib.suppress(Exception):  # the tracking store may be what failed
+                mlflow.MlflowClient().set_tag(run_id, "tunepipe.error", error)
+        self.failed_in_a_row += 1
+        print(f"sweep: trial {trial.number} failed: {error}", file=sys.stderr, flush=True)
+        if self.failed_in_a_row >= MAX_FAILURES_IN_A_ROW:
+            raise TooManyFailures(
+                f"sweep: stopped after {self.failed_in_a_row} trials in a row failed (last, trial {trial.number}: "
+                f"{error}); fix the cause and run `tunepipe sweep` again to go on with the study") from None
+        raise TrialFailed(error) from None
+
+    def _train(self, trial: optuna.Trial) -> float:
         tp = trial_params(self.p, suggest(trial, self.sw))
         run_id = self._start_run(trial, tp)
         trial.set_user_attr(RUN_ATTR, run_id)
@@ -176,6 +242,9 @@ def run_trials(study: optuna.Study, objective: Objective, target: int, timeout: 
         if n_reserved(study) >= target:
             study.stop()
 
+    optimize_log = logging.getLogger("optuna.study._optimize")
+    if _QUIET not in optimize_log.filters:
+        optimize_log.addFilter(_QUIET)
     start, told = time.monotonic(), False
     while True:
         with _experimental_ok():
@@ -186,8 +255,8 @@ def run_trials(study: optuna.Study, objective: Objective, target: int, timeout: 
             return
         if n_reserved(study) < target or c["waiting"]:
             try:
-                study.optimize(objective, timeout=left, catch=(SurplusTrial,), callbacks=[stop_when_reserved],
-                               gc_after_trial=True)
+                study.optimize(objective, timeout=left, catch=(SurplusTrial, TrialFailed),
+                               callbacks=[stop_when_reserved], gc_after_trial=True)
             except Exception:
                 if objective.current is None or not taken_over(study, objective.current):
                     raise
@@ -227,6 +296,8 @@ def _setup_tracking(p: Params) -> str:
                 return tracking.setup(p.tracking)
             with lock:
                 return tracking.setup(p.tracking)
+        except UserError:
+            raise  # unreachable: trying again would only repeat the message
         except Exception:
             if attempt == 4:
                 raise

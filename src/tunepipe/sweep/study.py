@@ -20,6 +20,7 @@ SPACE_ATTR = "tunepipe.search_space"
 SETUP_ATTR = "tunepipe.trial_setup"
 SURPLUS_ATTR = "tunepipe.surplus"
 RUN_ATTR = "mlflow_run_id"
+ERROR_ATTR = "error"  # why a trial failed (also the tag tunepipe.error on its MLflow run)
 MAX_RETRY = 3  # re-runs of a trial whose process died, before its slot goes to a fresh trial
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 RESERVED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
