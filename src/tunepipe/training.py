@@ -106,10 +106,19 @@ def resumable_checkpoint(ckpt_dir: Path, fp: str) -> tuple[str | None, str | Non
     if state_file.is_file():
         state = read_json(state_file)
         ckpts = sorted(ckpt_dir.glob("checkpoint-*"), key=lambda d: int(d.name.split("-")[1]))
-        ckpts = [c for c in ckpts if (c / "trainer_state.json").is_file()]  # skip half-written ones
+        ckpts = [c for c in ckpts if _complete_checkpoint(c)]
         if state.get("fingerprint") == fp and state.get("status") == "running" and ckpts:
             return str(ckpts[-1]), state.get("run_id")
     return None, None
+
+
+def _complete_checkpoint(ckpt: Path) -> bool:
+    """Trainer writes trainer_state.json last, without a temp file: a kill can leave it missing or cut short."""
+    try:
+        json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 class TrainerProgress(TrainerCallback):

@@ -1,0 +1,190 @@
+"""Fault injection (issue 11): kill -9 every stage at seeded random points, re-run `dvc repro`, and check that the
+result is the uninterrupted run's: same reports/metrics.json, no temp leftovers, one registry version per export.
+
+Each round re-runs the whole pipeline and kills each of the 6 stages once, in order: call k is
+`dvc repro -f --downstream <stage k-1>` (the stage killed last, redone from its leftovers, then the next stage
+starts), killed (dvc and the stage, one process group, SIGKILL) a seeded random fraction of the stage's
+uninterrupted duration after the stage's process started. A plain `dvc repro` ends the round, as a user would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+from tests.helpers import clone_repo, commit_all, sh, synthetic_rows, tiny_params, write_csv
+
+STAGES = {"prepare": "prepare", "tokenize": "tokenization", "augment": "augment", "finetune": "finetune",
+          "evaluate": "evaluate", "export": "export"}  # stage -> module under stages/
+ROUNDS = 3
+SEED = 11
+OUTS = ["data/prepared", "data/tokenized", "data/augmented", "models/model", "models/onnx", "reports/data.json",
+        "reports/tokenize.json", "reports/augment.json", "reports/train.json", "reports/metrics.json",
+        "reports/predictions.csv", "reports/export.json"]
+LEFTOVER = re.compile(r"^\..+\.(tmp|old)$|^tmp-checkpoint-")  # atomic writes' siblings, Trainer's temp checkpoints
+
+
+def _env() -> dict:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def _group(pgid: int) -> dict[int, str]:
+    """Live (non-zombie) processes of a process group: pid -> command line."""
+    procs = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            if int(stat[2]) != pgid or stat[0] in ("Z", "X"):
+                continue
+            procs[int(entry)] = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+    return procs
+
+
+def _stage_running(pgid: int, module: str) -> bool:
+    return any(f"-m stages.{module} " in cmd + " " for cmd in _group(pgid).values())
+
+
+def repro(root: Path, args: list[str], log: Path, kill: tuple[str, float] | None = None,
+          timeline: dict | None = None) -> dict:
+    """`dvc repro ARGS` in its own process group. kill=(stage, seconds): SIGKILL the group that long after the
+    stage's process appeared. timeline collects each stage's (first seen, last seen) times."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(["dvc", "repro", *args], cwd=root, env=_env(), stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    pgid, started, result = proc.pid, {}, {"killed": False, "landed": False}
+    while proc.poll() is None:
+        now = time.monotonic()
+        for stage, module in STAGES.items():
+            if _stage_running(pgid, module):
+                started.setdefault(stage, now)
+                if timeline is not None:
+                    timeline[stage] = (timeline.get(stage, (now, now))[0], now)
+        if kill and kill[0] in started and now >= started[kill[0]] + kill[1]:
+            result["landed"] = _stage_running(pgid, STAGES[kill[0]])  # else the stage had already finished
+            os.killpg(pgid, signal.SIGKILL)
+            proc.wait()
+            while _group(pgid):  # the stage's process too (reparented, maybe a zombie for a while)
+                time.sleep(0.02)
+            result["killed"] = True
+            break
+        time.sleep(0.02)
+    result["rc"] = proc.returncode
+    result["output"] = log.read_text()
+    return result
+
+
+def _leftovers(root: Path) -> list[str]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel = Path(dirpath).relative_to(root)
+        if rel.parts[:1] == (".git",) or rel.parts[:2] == (".dvc", "tmp") or rel.parts[:2] == (".dvc", "cache"):
+            dirnames[:] = []
+            continue
+        found += [str(rel / n) for n in dirnames + filenames if LEFTOVER.search(n)]
+    return found
+
+
+def _registry_versions(root: Path) -> set[int]:
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    return {int(v.version) for v in client.search_model_versions("name='tunepipe-classifier'")}
+
+
+def _exported_version(root: Path) -> int | None:
+    """The version a completed export reported (reports/export.json is written after registering)."""
+    path = root / "reports/export.json"
+    return json.loads(path.read_text())["registered"]["version"] if path.is_file() else None
+
+
+def _setup(root: Path, model_dir: Path) -> Path:
+    write_csv(root / "data/raw/train.csv", synthetic_rows(150))
+    # Enough steps (64, a checkpoint every 5) that kills land mid-training and the re-run resumes, and a model that
+    # learns something (validation macro-F1 0.56), so equal metrics mean equal weights, not a constant prediction.
+    params = tiny_params(model_dir, **{"finetune.epochs": 8.0, "finetune.learning_rate": 1e-2})
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    commit_all(root)
+    return root
+
+
+@pytest.mark.slow
+def test_kill_9_each_stage_then_repro_gives_the_uninterrupted_result(tmp_path, tiny_model_dir, capsys):
+    # The uninterrupted run: its metrics, and how long each stage's process runs here.
+    base = _setup(clone_repo(tmp_path / "baseline"), tiny_model_dir)
+    timeline: dict = {}
+    res = repro(base, [], tmp_path / "baseline.log", timeline=timeline)
+    assert res["rc"] == 0, res["output"][-3000:]
+    assert set(timeline) == set(STAGES), timeline
+    durations = {s: max(end - start, 0.1) for s, (start, end) in timeline.items()}
+    expected = json.loads((base / "reports/metrics.json").read_text())
+    expected_predictions = (base / "reports/predictions.csv").read_text()  # per-example confidences, 6 decimals
+
+    root = _setup(clone_repo(tmp_path / "repo"), tiny_model_dir)
+    rng = random.Random(SEED)
+    kills, landed, resumed, lost, exported, log_n = [], 0, 0, 0, set(), 0
+    for rnd in range(ROUNDS):
+        names = list(STAGES)
+        for k, stage in enumerate(names):
+            frac = rng.uniform(0.05, 0.95)
+            args = ([] if rnd == 0 else ["-f"]) if k == 0 else ["-f", "--downstream", names[k - 1]]
+            log_n += 1
+            res = repro(root, args, tmp_path / f"call-{log_n}.log", kill=(stage, frac * durations[stage]))
+            # The stage must have started (the previous kill's leftovers and DVC's locks did not stop the re-run).
+            assert res["killed"], f"round {rnd}, dvc repro {' '.join(args)} never ran {stage}:\n{res['output'][-3000:]}"
+            kills.append((rnd, stage, round(frac, 3), res["landed"]))
+            landed += res["landed"]
+            resumed += "resuming from checkpoint-" in res["output"]  # finetune picked up the killed run's checkpoint
+            if (v := _exported_version(root)) is not None:
+                exported.add(v)
+        log_n += 1
+        res = repro(root, [], tmp_path / f"call-{log_n}.log")
+        assert res["rc"] == 0, f"round {rnd}: the re-run after the kills failed:\n{res['output'][-3000:]}"
+        resumed += "resuming from checkpoint-" in res["output"]
+        exported.add(_exported_version(root))
+        missing = [o for o in OUTS if not (root / o).exists()]
+        lost += len(missing)
+        assert not missing, f"round {rnd}: outputs missing after the re-run: {missing}"
+        assert json.loads((root / "reports/metrics.json").read_text()) == expected, f"round {rnd}"
+        assert (root / "reports/predictions.csv").read_text() == expected_predictions, f"round {rnd}"
+        assert _leftovers(root) == [], f"round {rnd}"
+        status = sh(["dvc", "status"], root).stdout
+        assert "up to date" in status.lower(), status
+
+    versions = _registry_versions(root)
+    duplicates = len(versions - exported)
+    summary = (f"{len(kills)} kills across {len(STAGES)} stages ({landed} while the stage ran, "
+               f"{len(kills) - landed} just after it finished; finetune resumed from a checkpoint {resumed} times), "
+               f"{lost} lost outputs, {duplicates} duplicate versions")
+    with capsys.disabled():
+        print(f"\nfault injection: {summary}\n  kills (round, stage, fraction, landed): {kills}")
+    assert versions == exported, summary  # one registry version per completed export, none from killed ones
+
+
+def test_resume_skips_a_checkpoint_whose_state_was_cut_short(tmp_path):
+    """Trainer writes trainer_state.json last and in place: a kill while writing it leaves a checkpoint that the
+    re-run must not resume from (it would die on the JSON); the one before it is used."""
+    from tunepipe.training import resumable_checkpoint
+
+    (tmp_path / "state.json").write_text(json.dumps({"fingerprint": "fp", "run_id": "r1", "status": "running"}))
+    for step, state in ((5, '{"global_step": 5}'), (10, '{"global_step": 1'), (15, None)):
+        ckpt = tmp_path / f"checkpoint-{step}"
+        ckpt.mkdir()
+        if state is not None:
+            (ckpt / "trainer_state.json").write_text(state)
+    assert resumable_checkpoint(tmp_path, "fp") == (str(tmp_path / "checkpoint-5"), "r1")
