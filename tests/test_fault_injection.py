@@ -9,21 +9,25 @@ uninterrupted duration after the stage's process started. A plain `dvc repro` en
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
+import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
 import pytest
 import yaml
 
-from tests.helpers import clone_repo, commit_all, sh, synthetic_rows, tiny_params, write_csv
+from tests.helpers import REPO, clone_repo, commit_all, sh, synthetic_rows, tiny_params, write_csv
 
 STAGES = {"prepare": "prepare", "tokenize": "tokenization", "augment": "augment", "finetune": "finetune",
           "evaluate": "evaluate", "export": "export"}  # stage -> module under stages/
@@ -32,6 +36,7 @@ SEED = 11
 OUTS = ["data/prepared", "data/tokenized", "data/augmented", "models/model", "models/onnx", "reports/data.json",
         "reports/tokenize.json", "reports/augment.json", "reports/train.json", "reports/metrics.json",
         "reports/predictions.csv", "reports/export.json"]
+RESUMED = "resuming from models/checkpoints/checkpoint-"  # finetune picked up a killed run's checkpoint
 LEFTOVER = re.compile(r"^\..+\.(tmp|old)$|^tmp-checkpoint-")  # atomic writes' siblings, Trainer's temp checkpoints
 
 
@@ -62,9 +67,10 @@ def _stage_running(pgid: int, module: str) -> bool:
 
 
 def repro(root: Path, args: list[str], log: Path, kill: tuple[str, float] | None = None,
-          timeline: dict | None = None) -> dict:
+          timeline: dict | None = None, kill_when: Callable[[], bool] | None = None) -> dict:
     """`dvc repro ARGS` in its own process group. kill=(stage, seconds): SIGKILL the group that long after the
-    stage's process appeared. timeline collects each stage's (first seen, last seen) times."""
+    stage's process appeared; kill_when: as soon as it returns True. timeline collects each stage's (first seen,
+    last seen) times."""
     with open(log, "w") as out:
         proc = subprocess.Popen(["dvc", "repro", *args], cwd=root, env=_env(), stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
@@ -76,8 +82,9 @@ def repro(root: Path, args: list[str], log: Path, kill: tuple[str, float] | None
                 started.setdefault(stage, now)
                 if timeline is not None:
                     timeline[stage] = (timeline.get(stage, (now, now))[0], now)
-        if kill and kill[0] in started and now >= started[kill[0]] + kill[1]:
-            result["landed"] = _stage_running(pgid, STAGES[kill[0]])  # else the stage had already finished
+        if (kill and kill[0] in started and now >= started[kill[0]] + kill[1]) or (kill_when and kill_when()):
+            # Else the stage had already finished.
+            result["landed"] = _stage_running(pgid, STAGES[kill[0] if kill else "export"])
             os.killpg(pgid, signal.SIGKILL)
             proc.wait()
             while _group(pgid):  # the stage's process too (reparented, maybe a zombie for a while)
@@ -107,6 +114,15 @@ def _registry_versions(root: Path) -> set[int]:
     return {int(v.version) for v in client.search_model_versions("name='tunepipe-classifier'")}
 
 
+def _n_versions(db: Path) -> int:
+    """Registered versions, read straight from the sqlite store (cheap enough to poll while export runs)."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=0.1)) as con:
+            return con.execute("SELECT count(*) FROM model_versions").fetchone()[0]
+    except sqlite3.Error:  # not created yet, or locked by the writer this instant
+        return -1
+
+
 def _exported_version(root: Path) -> int | None:
     """The version a completed export reported (reports/export.json is written after registering)."""
     path = root / "reports/export.json"
@@ -133,7 +149,9 @@ def test_kill_9_each_stage_then_repro_gives_the_uninterrupted_result(tmp_path, t
     assert set(timeline) == set(STAGES), timeline
     durations = {s: max(end - start, 0.1) for s, (start, end) in timeline.items()}
     expected = json.loads((base / "reports/metrics.json").read_text())
-    expected_predictions = (base / "reports/predictions.csv").read_text()  # per-example confidences, 6 decimals
+    # Per-example confidences (6 decimals) and the training curves: a resumed finetune must retrace the same steps.
+    same_files = ["reports/predictions.csv", "reports/plots/train_loss.csv", "reports/plots/validation.csv"]
+    expected_files = {f: (base / f).read_text() for f in same_files}
 
     root = _setup(clone_repo(tmp_path / "repo"), tiny_model_dir)
     rng = random.Random(SEED)
@@ -149,22 +167,38 @@ def test_kill_9_each_stage_then_repro_gives_the_uninterrupted_result(tmp_path, t
             assert res["killed"], f"round {rnd}, dvc repro {' '.join(args)} never ran {stage}:\n{res['output'][-3000:]}"
             kills.append((rnd, stage, round(frac, 3), res["landed"]))
             landed += res["landed"]
-            resumed += "resuming from checkpoint-" in res["output"]  # finetune picked up the killed run's checkpoint
+            resumed += RESUMED in res["output"]
             if (v := _exported_version(root)) is not None:
                 exported.add(v)
         log_n += 1
         res = repro(root, [], tmp_path / f"call-{log_n}.log")
         assert res["rc"] == 0, f"round {rnd}: the re-run after the kills failed:\n{res['output'][-3000:]}"
-        resumed += "resuming from checkpoint-" in res["output"]
+        resumed += RESUMED in res["output"]
         exported.add(_exported_version(root))
         missing = [o for o in OUTS if not (root / o).exists()]
         lost += len(missing)
         assert not missing, f"round {rnd}: outputs missing after the re-run: {missing}"
         assert json.loads((root / "reports/metrics.json").read_text()) == expected, f"round {rnd}"
-        assert (root / "reports/predictions.csv").read_text() == expected_predictions, f"round {rnd}"
+        for f in same_files:
+            assert (root / f).read_text() == expected_files[f], f"round {rnd}: {f}"
         assert _leftovers(root) == [], f"round {rnd}"
         status = sh(["dvc", "status"], root).stdout
         assert "up to date" in status.lower(), status
+
+    # The worst instant for export: killed just after it registered a new version, before it could report it.
+    # The re-run must not register a second one.
+    before = _n_versions(root / "mlflow.db")
+    assert before >= ROUNDS
+    res = repro(root, ["-f", "--downstream", "export"], tmp_path / "call-registered.log",
+                kill_when=lambda: _n_versions(root / "mlflow.db") > before)
+    assert res["killed"], res["output"][-3000:]
+    kills.append(("extra", "export", "just after registering", res["landed"]))
+    landed += res["landed"]
+    res = repro(root, [], tmp_path / "call-final.log")
+    assert res["rc"] == 0, res["output"][-3000:]
+    exported.add(_exported_version(root))
+    assert json.loads((root / "reports/metrics.json").read_text()) == expected
+    assert _leftovers(root) == []
 
     versions = _registry_versions(root)
     duplicates = len(versions - exported)
@@ -188,3 +222,38 @@ def test_resume_skips_a_checkpoint_whose_state_was_cut_short(tmp_path):
         if state is not None:
             (ckpt / "trainer_state.json").write_text(state)
     assert resumable_checkpoint(tmp_path, "fp") == (str(tmp_path / "checkpoint-5"), "r1")
+
+
+def test_killed_while_creating_the_tracking_store_then_rerun_works(tmp_path):
+    """The first MLflow access builds mlflow.db in dozens of schema migrations; a kill midway (seen in the fault
+    injection run, finetune killed early) left a database every later run refused with "out-of-date database
+    schema". The store is now built aside and renamed in whole."""
+    code = """
+        import os, signal, sqlite3
+        import alembic.command
+        from alembic.script import ScriptDirectory
+        from tunepipe.params import TrackingParams
+        from tunepipe.tracking import setup
+
+        real_upgrade = alembic.command.upgrade
+        def upgrade(config, revision, *args, **kwargs):
+            # The failure injection point: killed inside the last migration, after its tables were created and
+            # before the version was stamped (SQLite commits each DDL statement), the state found after a kill.
+            real_upgrade(config, revision, *args, **kwargs)
+            scripts = ScriptDirectory.from_config(config)
+            before_last = scripts.get_revision(scripts.get_current_head()).down_revision
+            db = config.get_main_option("sqlalchemy.url").removeprefix("sqlite:///")
+            with sqlite3.connect(db) as con:
+                con.execute("UPDATE alembic_version SET version_num = ?", (before_last,))
+            os.kill(os.getpid(), signal.SIGKILL)
+        alembic.command.upgrade = upgrade
+        setup(TrackingParams())
+    """
+    env = {**_env(), "PYTHONPATH": f"{REPO / 'src'}:{REPO}"}
+    killed = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=tmp_path, env=env)
+    assert killed.returncode == -signal.SIGKILL
+    rerun = subprocess.run([sys.executable, "-c", "from tunepipe.params import TrackingParams\n"
+                            "from tunepipe.tracking import setup\nprint(setup(TrackingParams()))"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
