@@ -102,7 +102,8 @@ def _leftovers(root: Path) -> list[str]:
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
         rel = Path(dirpath).relative_to(root)
-        if rel.parts[:1] == (".git",) or rel.parts[:2] == (".dvc", "tmp") or rel.parts[:2] == (".dvc", "cache"):
+        # Git's, DVC's and MLflow's own stores are theirs (MLflow keeps a logged folder's name, whatever it is).
+        if rel.parts[:1] in ((".git",), ("mlartifacts",)) or rel.parts[:2] in ((".dvc", "tmp"), (".dvc", "cache")):
             dirnames[:] = []
             continue
         found += [str(rel / n) for n in dirnames + filenames if LEFTOVER.search(n)]
