@@ -114,7 +114,10 @@ def setup(t: TrackingParams, root: Path | None = None) -> str:
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     import mlflow
 
-    mlflow.set_tracking_uri(check_reachable(t, root))
+    uri = check_reachable(t, root)
+    if uri.startswith("sqlite:///"):
+        _create_sqlite_store(Path(uri.removeprefix("sqlite:///")))
+    mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient()
     exp = client.get_experiment_by_name(t.experiment)
     if exp is not None:
@@ -127,6 +130,28 @@ def setup(t: TrackingParams, root: Path | None = None) -> str:
         return client.create_experiment(t.experiment, artifact_location=artifacts)
     except mlflow.exceptions.MlflowException:  # created meanwhile by a parallel process
         return client.get_experiment_by_name(t.experiment).experiment_id
+
+
+def _create_sqlite_store(db: Path) -> None:
+    """Create a new sqlite store whole: MLflow builds its schema in dozens of migrations, and a process killed
+    midway leaves a database every later run refuses ("out-of-date database schema"). So the schema is built in a
+    temp file beside it, renamed in only if no other process created the store meanwhile."""
+    from mlflow.tracking._tracking_service.utils import _get_store
+
+    from tunepipe.files import recover
+
+    if db.exists():
+        return
+    db.parent.mkdir(parents=True, exist_ok=True)
+    recover(db)  # half-built databases of killed processes
+    tmp = db.parent / f".{db.name}.{os.getpid()}.tmp"
+    try:
+        _get_store(f"sqlite:///{tmp}").engine.dispose()
+        os.link(tmp, db)  # fails if another process's store came in first: then that one is used
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def flat_params(p: Params, sections: tuple[str, ...] = ("task", "data", "model", "tokenize", "augment",

@@ -15,6 +15,7 @@ import datasets
 import torch
 import transformers
 from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from tunepipe.files import read_json
 from tunepipe.modeling import build_model, load_tokenizer, pick_precision
@@ -72,7 +73,7 @@ def build_trainer(p: Params, dsd: datasets.DatasetDict, labels: list[str], outpu
     tokenizer = load_tokenizer(p.model.name)
     model = build_model(p.model.name, labels, p.finetune, task, pad_token_id=tokenizer.pad_token_id)
     precision = pick_precision(p.finetune.precision)
-    trainer = Trainer(
+    trainer = _Trainer(
         model=model,
         args=training_arguments(p, task.headline_metric, output_dir, precision, save_checkpoints),
         train_dataset=dsd["train"],
@@ -85,6 +86,29 @@ def build_trainer(p: Params, dsd: datasets.DatasetDict, labels: list[str], outpu
     )
     trainer.remove_callback(PrinterCallback)  # it prints every log as a Python dict
     return trainer
+
+
+class EpochSeededSampler(LengthGroupedSampler):
+    """Length-grouped batches whose order depends on (seed, epoch) alone. Trainer builds its length-grouped sampler
+    without a generator, so each epoch's order comes from the global RNG at the epoch's start; a run resumed
+    mid-epoch draws it from another RNG state and trains on other batches than the uninterrupted run did."""
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+        super().__init__(batch_size, lengths=lengths, generator=torch.Generator())
+        self.seed = seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:  # called by Trainer (through accelerate) before each epoch
+        self.generator.manual_seed(self.seed + epoch)
+
+
+class _Trainer(Trainer):
+    def _get_train_sampler(self, train_dataset=None):
+        sampler = super()._get_train_sampler(train_dataset)
+        if type(sampler) is LengthGroupedSampler:
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            return EpochSeededSampler(sampler.batch_size, sampler.lengths, seed)
+        return sampler
 
 
 def history_curves(log_history: list[dict], metric: str) -> tuple[list[dict], list[dict]]:
@@ -106,10 +130,19 @@ def resumable_checkpoint(ckpt_dir: Path, fp: str) -> tuple[str | None, str | Non
     if state_file.is_file():
         state = read_json(state_file)
         ckpts = sorted(ckpt_dir.glob("checkpoint-*"), key=lambda d: int(d.name.split("-")[1]))
-        ckpts = [c for c in ckpts if (c / "trainer_state.json").is_file()]  # skip half-written ones
+        ckpts = [c for c in ckpts if _complete_checkpoint(c)]
         if state.get("fingerprint") == fp and state.get("status") == "running" and ckpts:
             return str(ckpts[-1]), state.get("run_id")
     return None, None
+
+
+def _complete_checkpoint(ckpt: Path) -> bool:
+    """Trainer writes trainer_state.json last, without a temp file: a kill can leave it missing or cut short."""
+    try:
+        json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 class TrainerProgress(TrainerCallback):

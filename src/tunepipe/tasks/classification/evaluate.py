@@ -9,7 +9,7 @@ import datasets
 import numpy as np
 from sklearn.metrics import classification_report, confusion_matrix
 
-from tunepipe.files import write_text
+from tunepipe.files import write_csv, write_text
 from tunepipe.plots import plot_confusion
 from tunepipe.tasks import Evaluation
 from tunepipe.tasks.classification.metrics import classification_summary
@@ -45,14 +45,15 @@ def evaluate(model, tokenizer, test: datasets.Dataset, labels: list[str], report
     ids = list(range(len(labels)))
     write_text(reports / "classification_report.txt", classification_report(
         y_true, y_pred, labels=ids, target_names=labels, digits=4, zero_division=0))
-    write_text(plots / "confusion.csv", "actual,predicted\n" + "".join(
-        f"{labels[t]},{labels[q]}\n" for t, q in zip(y_true, y_pred, strict=True)))
+    write_csv(plots / "confusion.csv", [{"actual": labels[t], "predicted": labels[q]}
+                                        for t, q in zip(y_true, y_pred, strict=True)], ["actual", "predicted"])
     probs = np.exp(logits - logits.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
     # Per-example predictions: promotion's paired significance test compares two models on these.
-    write_text(reports / "predictions.csv", "id,label,prediction,confidence\n" + "".join(
-        f"{i},{labels[t]},{labels[q]},{probs[i, q]:.6f}\n"
-        for i, (t, q) in enumerate(zip(y_true, y_pred, strict=True))))
+    # Quoted CSV: a label may hold a comma or a quote.
+    write_csv(reports / "predictions.csv", [
+        {"id": i, "label": labels[t], "prediction": labels[q], "confidence": f"{probs[i, q]:.6f}"}
+        for i, (t, q) in enumerate(zip(y_true, y_pred, strict=True))], ["id", "label", "prediction", "confidence"])
     plot_confusion(confusion_matrix(y_true, y_pred, labels=ids).tolist(), labels, plots / "confusion_matrix.png")
     return Evaluation(metrics, {lab: row["f1"] for lab, row in metrics["per_class"].items()},
                       [reports / "classification_report.txt", reports / "predictions.csv",

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from seqeval.scheme import Entities
 
-from tunepipe.files import write_text
+from tunepipe.files import write_csv, write_text
 from tunepipe.modeling import MODEL_INPUTS
 from tunepipe.plots import plot_confusion
 from tunepipe.progress import Progress
@@ -101,7 +101,7 @@ def evaluate(model, tokenizer, test: datasets.Dataset, labels: list[str], report
     plots = reports / "plots"
     write_text(reports / "classification_report.txt", text_report(y_true, y_pred, labels))
     write_text(reports / "predictions.csv", predictions_csv(tokens, y_true, y_pred, labels))
-    write_text(plots / "confusion.csv", "actual,predicted\n" + "".join(f"{a},{p}\n" for a, p in pairs))
+    write_csv(plots / "confusion.csv", [{"actual": a, "predicted": p} for a, p in pairs], ["actual", "predicted"])
     plot_confusion(confusion_matrix(pairs, [*types, "O"]), [*types, "O"], plots / "confusion_matrix.png",
                    title="entity confusion (O = missed / spurious)")
     return Evaluation(metrics, {kind: row["f1"] for kind, row in metrics["per_type"].items()},
