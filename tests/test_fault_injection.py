@@ -28,7 +28,6 @@ import pytest
 import yaml
 
 from tests.helpers import REPO, clone_repo, commit_all, sh, synthetic_rows, tiny_params, write_csv
-from tunepipe import tracking
 
 STAGES = {"prepare": "prepare", "tokenize": "tokenization", "augment": "augment", "finetune": "finetune",
           "evaluate": "evaluate", "export": "export"}  # stage -> module under stages/
@@ -225,11 +224,8 @@ def test_kill_9_each_stage_then_repro_gives_the_uninterrupted_result(tmp_path, t
                f"{lost} lost outputs, {duplicates} duplicate versions")
     with capsys.disabled():
         print(f"\nfault injection: {summary}\n  kills (round, stage, fraction, landed): {kills}")
-    # One registry version per completed export, none left by killed ones. This needs export's idempotent
-    # registration (issue 11, branch i11-registry: tracking.content_fingerprint); until it is merged, the re-run after
-    # the kill just after registering adds a second version, and this check is an expected failure.
-    if duplicates and not hasattr(tracking, "content_fingerprint"):
-        pytest.xfail(f"needs idempotent registration in export (i11-registry): {summary}")
+    # One registry version per completed export, none left by killed ones (export's registration is idempotent:
+    # tracking.content_fingerprint).
     assert versions == exported, summary
 
 
