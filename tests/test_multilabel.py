@@ -326,3 +326,48 @@ def test_dvc_repro_registers_a_multilabel_model_and_promote_uses_micro_f1(tmp_pa
     res = subprocess.run([*tunepipe, "promote", "--dry-run"], cwd=root, capture_output=True, text=True)
     assert res.returncode in (0, 1), res.stderr
     assert "micro_f1" in res.stdout and "v2" in res.stdout
+
+
+def test_sweep_tunes_on_validation_micro_f1(ml_project):
+    from tunepipe.cli import main as cli
+
+    root = ml_project(multilabel_rows(120), **{"finetune.eval_steps": 2, "finetune.max_steps": 6,
+                                                "sweep.trials": 2, "sweep.pruner": "none"})
+    for stage in (prepare, tokenize, augment):
+        stage.main()
+    cli(["sweep", "--no-repro"])
+    summary = read_json(root / "reports/sweep/summary.json")
+    assert summary["trials"]["complete"] == 2 and 0 <= summary["best"]["value"] <= 1
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    (parent,) = mlflow.search_runs(experiment_names=["tunepipe"], filter_string="tags.`tunepipe.sweep.study` = "
+                                   "'tunepipe-sweep'", output_format="list")
+    assert parent.data.metrics["best_val_micro_f1"] == summary["best"]["value"]
+
+
+# ---------------------------------------------------------------------------------------------- GoEmotions
+
+@pytest.mark.skipif(not GOEMOTIONS.is_dir(), reason=f"GoEmotions not found at {GOEMOTIONS} (the shared data lives "
+                                                   "beside the project root: ../shared/data/goemotions)")
+def test_goemotions_is_read_with_params_alone(ml_project):
+    """The real files (header-less TSV, comma-separated ids into labels.txt, dev.tsv as validation) through params
+    only; the train split capped to a slice (validation and test are read whole)."""
+    root = ml_project(multilabel_rows(20))
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["data"].update(source=str(GOEMOTIONS), header=["text", "labels", "comment_id"], label_column="labels",
+                          label_delimiter=",", label_names=str(GOEMOTIONS / "labels.txt"), max_train_samples=600)
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    prepare.main()
+    report = read_json(root / "reports/data.json")
+    names = [n.strip() for n in (GOEMOTIONS / "labels.txt").read_text().splitlines() if n.strip()]
+    assert len(names) == 28 and report["labels"] == sorted(names)  # the cap keeps every label
+    assert report["train_capped_from"] > 40000 and report["splits"]["train"]["rows"] == 600
+    for split, published in (("validation", 5426), ("test", 5427)):
+        assert 0.98 * published <= report["splits"][split]["rows"] <= published  # less conflicts/duplicates
+        assert 1.1 < report["splits"][split]["label_cardinality"] < 1.3  # several labels per text
+    test = pd.read_parquet(root / "data/prepared/test.parquet")
+    raw = pd.read_csv(GOEMOTIONS / "test.tsv", sep="\t", header=None, names=["text", "ids", "cid"], dtype=str,
+                      keep_default_na=False)
+    first = raw.iloc[0]
+    row = test[test["text"] == first["text"].strip()]
+    assert len(row) == 1 and list(row["labels"].iloc[0]) == sorted(names[int(i)] for i in first["ids"].split(","))
+    assert any("[NAME]" in t for t in test["text"]) and any('"' in t for t in test["text"])  # quoting survives
