@@ -67,6 +67,7 @@ def main() -> None:
         "precision_requested": p.finetune.precision,
         "cpu_bf16_matmul_speedup": bf16_speedup,
     }
+    extra = get_task(p.task).trained_metadata(trainer, dsd, labels, p)  # e.g. thresholds tuned on validation
     model = merge_for_export(trainer.model)
     with atomic_dir(MODEL) as tmp:
         model.save_pretrained(tmp)  # safetensors
@@ -74,7 +75,7 @@ def main() -> None:
         # The model's own metadata: everything downstream reads the task and labels from here, not from params.
         write_json(tmp / TRAINING_INFO, {"run_id": run_id, "task": p.task, "labels": labels, "fingerprint": fp,
                                          "data_hash": meta["data_hash"], "test_data_hash": meta["hashes"]["test"],
-                                         "max_length": p.tokenize.max_length, **summary})
+                                         "max_length": p.tokenize.max_length, **summary, **extra})
 
     loss, val = history_curves(trainer.state.log_history, metric)
     write_csv(PLOTS / "train_loss.csv", loss, ["step", "loss"])

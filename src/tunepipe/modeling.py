@@ -155,7 +155,8 @@ def build_model(name: str, labels: list[str], ft: FinetuneParams, task: Task, pa
     `pad_token_id`: the tokenizer's, for a config without one (a sequence-classification head on a decoder finds
     each text's last token by it, and refuses batches without it)."""
     config = load_config(name, ft.dropout, num_labels=len(labels),
-                         id2label=dict(enumerate(labels)), label2id={lab: i for i, lab in enumerate(labels)})
+                         id2label=dict(enumerate(labels)), label2id={lab: i for i, lab in enumerate(labels)},
+                         **({"problem_type": task.problem_type} if task.problem_type else {}))
     if config.pad_token_id is None:
         config.pad_token_id = pad_token_id
     model = from_pretrained(name, "model weights",

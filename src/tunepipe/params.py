@@ -31,6 +31,15 @@ class DataParams(_Section):
     seed: int = 42
     # NER only: tag scheme of the CoNLL tags (auto = detect).
     tag_scheme: Literal["auto", "IOB1", "IOB2", "BIO", "BIOES"] = "auto"
+    # csv/tsv: True = the first row names the columns; False = no header (columns are named 0, 1, 2, ...);
+    # a list = the column names of a header-less file.
+    header: bool | list[str] = True
+    # multilabel only: what separates the labels in one label cell ("a|b"); lists in JSONL/parquet need none.
+    label_delimiter: str = Field(default="|", min_length=1)
+    # multilabel only: one 0/1 column per label, instead of data.label_column.
+    label_columns: list[str] | None = None
+    # multilabel only: a file with one label name per line; the data's labels are 0-based ids into it.
+    label_names: str | None = None
 
 
 class ModelParams(_Section):
@@ -67,6 +76,18 @@ class FinetuneParams(_Section):
     lora_alpha: int = Field(default=16, ge=1)
     lora_dropout: float = Field(default=0.1, ge=0, lt=1)
     seed: int = 42
+
+
+class MultilabelParams(_Section):
+    # Decision threshold per label: "tune" = each label's own, maximising its validation F1; a number = one for all.
+    threshold: Literal["tune"] | float = "tune"
+
+    @field_validator("threshold")
+    @classmethod
+    def _in_unit_interval(cls, v: str | float) -> str | float:
+        if not isinstance(v, str) and not 0 < v < 1:
+            raise ValueError(f"must be tune or a number between 0 and 1, got {v!r}")
+        return v
 
 
 class ExportParams(_Section):
@@ -117,7 +138,9 @@ class SweepParams(_Section):
 
 
 class PromoteParams(_Section):
-    metric: str = "macro_f1"  # a test metric tagged on registered versions (metric.<name>); higher is better
+    # A test metric tagged on registered versions (metric.<name>); higher is better. None = the task's headline
+    # metric (classification macro_f1, ner f1, multilabel micro_f1), filled in by Params.
+    metric: str | None = None
     min_delta: float = Field(default=0.005, ge=0)
     min_metric: float = Field(default=0.0, ge=0)
     significance: float | None = Field(default=None, gt=0, lt=1)
@@ -147,6 +170,7 @@ class Params(_Section):
     tokenize: TokenizeParams = TokenizeParams()
     augment: AugmentParams = AugmentParams()
     finetune: FinetuneParams = FinetuneParams()
+    multilabel: MultilabelParams = MultilabelParams()
     export: ExportParams = ExportParams()
     tracking: TrackingParams = TrackingParams()
     sweep: SweepParams = SweepParams()
@@ -160,6 +184,17 @@ class Params(_Section):
             raise ValueError(f"Input should be one of {', '.join(map(repr, available()))}, the task families in "
                              f"tunepipe/tasks (got {v!r})")
         return v
+
+    @model_validator(mode="after")
+    def _promote_metric_of_the_task(self) -> Params:
+        """promote.metric: null means the task's headline metric; everything downstream sees a name."""
+        if self.promote.metric is not None:
+            return self
+        from tunepipe.tasks import get_task
+
+        promote = self.promote.model_copy(update={"metric": get_task(self.task).headline_metric})
+        object.__setattr__(self, "promote", promote)  # frozen model; this validator is its constructor's last step
+        return self
 
 
 def parse_params(raw: object, source: str = str(PARAMS_FILE)) -> Params:

@@ -26,6 +26,7 @@ from tunepipe.registry.store import (
     require_model,
     who,
 )
+from tunepipe.tasks import get_task
 
 ATTEMPTS = 3
 
@@ -54,6 +55,8 @@ def promote(client, name: str, s: PromoteParams, version: int | None = None, ree
         if cand.tags.get("champion.rolled_back_at"):
             raise UserError(f"{name} version {cand.number}, the newest, was rolled back from champion at "
                             f"{cand.tags['champion.rolled_back_at']}; pass --version {cand.number} to try it again")
+    if s.metric is None:  # params.yaml's null is resolved by Params; settings built in code get the same rule
+        s = s.model_copy(update={"metric": get_task(cand.tags.get("task") or "classification").headline_metric})
     for _ in range(ATTEMPTS):
         champ = champion(client, name)
         if champ is not None and champ.number == cand.number:

@@ -1,5 +1,5 @@
-"""The served model: raw text in, label and class probabilities out (or, for NER, entity spans), through
-onnxruntime.
+"""The served model: raw text in, label and class probabilities out (for NER, entity spans; for multi-label, the
+labels above their thresholds with their probabilities), through onnxruntime.
 
 Self-contained on purpose (no tunepipe imports): MLflow stores this file with the model ("models from code",
 no pickle), and `tunepipe predict` uses the same TextPredictor on a local export directory.
@@ -103,9 +103,21 @@ class TextPredictor:
                     for kind, a, b in tag_spans(tags)]})
         return results
 
+    def label_sets(self, texts: list[str]) -> list[dict]:
+        """Multi-label: the labels whose sigmoid probability reaches their threshold (tuned per label on
+        validation, stored in tunepipe.json), most probable first, and every label's probability."""
+        probs = 1.0 / (1.0 + np.exp(-self.logits(texts).astype(np.float64)))
+        th = np.array([float(self.meta.get("thresholds", {}).get(lab, 0.5)) for lab in self.labels])
+        return [{"labels": [{"label": self.labels[j], "probability": float(row[j])}
+                            for j in np.argsort(-row, kind="stable") if row[j] >= th[j]],
+                 "probabilities": {lab: float(x) for lab, x in zip(self.labels, row, strict=True)}}
+                for row in probs]
+
     def predict(self, texts: list[str]) -> list[dict]:
         if self.task == "ner":
             return self.entities(texts)
+        if self.task == "multilabel":
+            return self.label_sets(texts)
         probs = softmax(self.logits(texts))
         return [{"label": self.labels[int(row.argmax())], "score": float(row.max()),
                  "probabilities": {lab: float(x) for lab, x in zip(self.labels, row, strict=True)}}

@@ -60,6 +60,7 @@ class Task:
     headline_metric: str  # validation metric for early stopping and model selection; the test metric reported
     auto_model: str  # the transformers AutoModel class of the task head
     peft_task_type: str  # peft.TaskType member for LoRA
+    problem_type: str | None = None  # the head's config.problem_type where the task fixes it (its loss)
 
     def part(self, module: str):
         """One of the task folder's modules, imported on first use (choosing a task loads nothing heavy)."""
@@ -91,6 +92,16 @@ class Task:
             raise UserError(f"--reevaluate: {self.name} models cannot be re-scored from the served output; "
                             "re-run `dvc repro` on the same data instead")
         return metrics.rescore(s, test, models)
+
+    def trained_metadata(self, trainer, dsd: datasets.DatasetDict, labels: list[str], p: Params) -> dict:
+        """finetune, after training: what the task adds to the model's own metadata (training_info.json), e.g.
+        decision thresholds tuned on validation."""
+        return {}
+
+    def served_metadata(self, info: dict) -> dict:
+        """export: what the served model needs from the model's metadata beyond task, labels and max_length
+        (written into models/onnx/tunepipe.json, which serving/pyfunc_model.py reads)."""
+        return {}
 
     # No defaults: small, and what makes the task what it is.
     def collator(self, tokenizer) -> Callable:

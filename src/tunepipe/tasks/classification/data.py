@@ -29,8 +29,9 @@ from tunepipe.tasks import Prepared
 READERS = {".csv": "csv", ".tsv": "tsv", ".parquet": "parquet", ".jsonl": "jsonl", ".json": "jsonl"}
 
 
-def load_source(source: str, encoding: str | None = None) -> dict[str, pd.DataFrame]:
-    """Read `source` into frames: {"all": df} for an unsplit source, else {split: df}."""
+def load_source(source: str, encoding: str | None = None, header: bool | list[str] = True
+                ) -> dict[str, pd.DataFrame]:
+    """Read `source` into frames: {"all": df} for an unsplit source, else {split: df}. `header`: data.header."""
     if source.startswith("builtin:"):
         path, builtin_encoding = builtin_path(source.removeprefix("builtin:"))
         return {"all": read_table(path, encoding or builtin_encoding)}
@@ -41,11 +42,11 @@ def load_source(source: str, encoding: str | None = None) -> dict[str, pd.DataFr
         # Every file named like a split is taken (suffixes in any case): one read_table cannot read fails loudly
         # instead of being skipped, and a second file for a split is an error, not a silent choice.
         files = split_files(path, lambda f: True, f"train/validation/test with one of {', '.join(READERS)}")
-        return {split: read_table(f, encoding) for split, f in files.items()}
-    return {"all": read_table(path, encoding)}
+        return {split: read_table(f, encoding, header) for split, f in files.items()}
+    return {"all": read_table(path, encoding, header)}
 
 
-def read_table(path: Path, encoding: str | None) -> pd.DataFrame:
+def read_table(path: Path, encoding: str | None, header: bool | list[str] = True) -> pd.DataFrame:
     if not path.exists():
         raise UserError(f"data.source: file not found: {path}")
     kind = READERS.get(path.suffix.lower())
@@ -61,7 +62,10 @@ def read_table(path: Path, encoding: str | None) -> pd.DataFrame:
             df = pd.read_json(path, lines=True, encoding=read_encoding(encoding), encoding_errors="strict")
         else:
             df = pd.read_csv(path, sep="\t" if kind == "tsv" else ",", encoding=read_encoding(encoding),
-                             encoding_errors="strict", dtype=str, keep_default_na=False)
+                             encoding_errors="strict", dtype=str, keep_default_na=False,
+                             header=0 if header is True else None)
+            if header is not True:
+                df.columns = name_columns(df.shape[1], header, path)
     except (UnicodeDecodeError, LookupError) as exc:
         raise decode_error(path, encoding, exc) from None
     except pd.errors.EmptyDataError:
@@ -71,6 +75,16 @@ def read_table(path: Path, encoding: str | None) -> pd.DataFrame:
     if df.empty:
         raise UserError(f"data.source: {path} has a header but no rows")
     return df
+
+
+def name_columns(n: int, header: bool | list[str], path: Path) -> list[str]:
+    """A header-less file's columns: data.header's names, or 0, 1, 2... (strings: params name columns by string)."""
+    if header is False:
+        return [str(i) for i in range(n)]
+    if len(header) != n:
+        raise UserError(f"data.header: names {len(header)} columns ({', '.join(header)}) but {path} has {n}; "
+                        "list one name per column")
+    return list(header)
 
 
 def select_columns(df: pd.DataFrame, text_col: str, label_col: str, where: str) -> pd.DataFrame:
@@ -199,7 +213,7 @@ def records(df: pd.DataFrame):
 
 def prepare(p: Params) -> Prepared:
     """Plain frames in, clean stratified splits and a data report out."""
-    raw = load_source(p.data.source, p.data.encoding)
+    raw = load_source(p.data.source, p.data.encoding, p.data.header)
     drops = {"empty_text": 0, "missing_label": 0, "conflicting_label": 0, "duplicate": 0}
     where = p.data.source
     if "all" in raw:
