@@ -24,7 +24,7 @@ from tunepipe.errors import UserError
 from tunepipe.files import read_json
 from tunepipe.params import parse_params
 from tunepipe.tasks import get_task
-from tunepipe.training import balanced_weights, build_trainer, class_weights
+from tunepipe.training import balanced_weights, build_trainer, class_weights, fingerprint
 
 LABELS = ["negative", "neutral", "positive"]
 
@@ -90,6 +90,12 @@ def test_ner_counts_tagged_tokens_only():
     ids = get_task("ner").label_ids(train)
     assert sorted(ids.tolist()) == [0, 1, 2, 2, 2]
     assert balanced_weights(np.bincount(ids, minlength=5)) == pytest.approx([5 / 3, 5 / 3, 5 / 9, 1.0, 1.0])
+
+
+def test_class_weights_are_part_of_the_training_fingerprint(tiny_model_dir):
+    # A run killed with one setting must not resume from checkpoints trained with another.
+    prints = {fingerprint(params_with(tiny_model_dir, w), "data") for w in ("none", "balanced", {"positive": 2})}
+    assert len(prints) == 3
 
 
 # --- the loss ---------------------------------------------------------------------------------------------------

@@ -50,6 +50,7 @@ class Task:
       encode.tokenize(p, prepared_dir)         tokenize: model inputs with labels, a truncation report
       augment.augment(train, p)                augment: a bigger train split, labels preserved
       metrics.compute_metrics(labels)          finetune: Trainer's validation metrics
+      loss(weights), label_ids(train)          finetune: the loss with finetune.class_weights (methods below)
       evaluate.evaluate(model, tok, test, labels, reports_dir)   evaluate: metrics and reports (an Evaluation)
       metrics.paired_p_value(s, new, old)      promote: paired test on two versions' predictions.csv
       metrics.rescore(s, test, models)         promote --reevaluate (optional)
