@@ -244,3 +244,26 @@ def test_weighted_repro_sweep_and_promote(tmp_path, tiny_model_dir):
 
     res = subprocess.run([sys.executable, "-m", "tunepipe.cli", "promote"], cwd=root, capture_output=True, text=True)
     assert res.returncode == 0 and "PROMOTE" in res.stdout and "no champion yet" in res.stdout, res.stderr
+
+
+def test_ner_finetune_weighs_tags_by_their_token_counts(tmp_path, monkeypatch, tiny_model_dir):
+    from stages import augment, finetune, prepare
+    from stages import tokenization as tokenize
+
+    monkeypatch.chdir(tmp_path)
+    write_tiny_dir(tmp_path, n_train=60, n_eval=15)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params(tiny_model_dir, **{
+        "task": "ner", "data.source": "data/raw/conll", "finetune.class_weights": "balanced",
+        "finetune.epochs": 1.0})))
+    prepare.main()
+    tokenize.main()
+    augment.main()
+    finetune.main()
+    labels = read_json(tmp_path / "data/prepared/meta.json")["labels"]
+    train = datasets.load_from_disk(str(tmp_path / "data/augmented"))["train"]
+    counts = Counter(t for row in train["labels"] for t in row if t != -100)  # labelled sub-tokens only
+    n, k = sum(counts.values()), len(counts)
+    expected = {lab: n / (k * counts[i]) if counts[i] else 1.0 for i, lab in enumerate(labels)}
+    recorded = read_json(tmp_path / "reports/train.json")["class_weights"]
+    assert recorded == pytest.approx(expected, rel=1e-5)
+    assert recorded["O"] < 1 < max(recorded.values())  # the common tag weighs less, entity tags more
