@@ -6,6 +6,7 @@ checkpoint on the next `dvc repro`, as long as params and data are unchanged (el
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ from tunepipe.paths import AUGMENTED, CHECKPOINTS, MODEL, PLOTS, PREPARED_META, 
 from tunepipe.plots import plot_curves
 from tunepipe.progress import duration, say
 from tunepipe.tasks import get_task
-from tunepipe.training import build_trainer, fingerprint, history_curves, resumable_checkpoint
+from tunepipe.training import build_trainer, class_weights, fingerprint, history_curves, resumable_checkpoint
 
 
 def main() -> None:
@@ -34,6 +35,7 @@ def main() -> None:
     labels = meta["labels"]
     dsd = datasets.load_from_disk(str(AUGMENTED))
     fp = fingerprint(p, meta["data_hash"])
+    weights = class_weights(p, dsd["train"], labels)  # a label finetune.class_weights names wrongly stops here
     device, precision = device_name(), pick_precision(p.finetune.precision)
 
     resume_from, run_id = resumable_checkpoint(CHECKPOINTS, fp)
@@ -66,6 +68,8 @@ def main() -> None:
         "precision": precision,
         "precision_requested": p.finetune.precision,
         "cpu_bf16_matmul_speedup": bf16_speedup,
+        # finetune.class_weights as applied: {label: loss weight}, None = unweighted
+        "class_weights": dict(zip(labels, (round(w, 6) for w in weights), strict=True)) if weights else None,
     }
     extra = get_task(p.task).trained_metadata(trainer, dsd, labels, p)  # e.g. thresholds tuned on validation
     model = merge_for_export(trainer.model)
@@ -87,6 +91,8 @@ def main() -> None:
     client.log_batch(run_id, metrics=[mlflow.entities.Metric(f"best_val_{metric}", float(best or 0.0),
                                                              int(time.time() * 1000), trainer.state.global_step)])
     client.log_artifact(run_id, str(PLOTS / "training_curves.png"), "plots")
+    if weights:  # the param says `balanced`; the tag says what that came to on this data
+        client.set_tag(run_id, "tunepipe.class_weights", json.dumps(summary["class_weights"]))
     # The run is done once training is; checkpoints are not needed any more (the best model is saved).
     for ckpt in CHECKPOINTS.glob("checkpoint-*"):
         shutil.rmtree(ckpt, ignore_errors=True)

@@ -27,7 +27,9 @@ def main() -> None:
                                        "data_hash": report["data_hash"]})
     write_json(DATA_REPORT, report)
     sizes = ", ".join(f"{k}={v['rows']}" for k, v in report["splits"].items())
-    say(f"prepare: {sizes}; dropped {report['drops']}; labels {report['labels']}")
+    ratio = report.get("imbalance_ratio")
+    say(f"prepare: {sizes}; dropped {report['drops']}; labels {report['labels']}"
+        + (f"; imbalance {ratio:g}:1 (largest/smallest train class)" if ratio else ""))
 
 
 if __name__ == "__main__":

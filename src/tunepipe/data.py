@@ -179,6 +179,13 @@ def data_hash(hashes: dict[str, str]) -> str:
     return content_hash(hashes[k] for k in SPLITS)
 
 
+def imbalance_ratio(counts) -> float | None:
+    """The largest class count over the smallest (classes that occur), the data report's measure of imbalance:
+    1.0 is balanced; finetune.class_weights: balanced answers a large one."""
+    counts = [c for c in counts if c > 0]
+    return round(max(counts) / min(counts), 2) if counts else None
+
+
 def describe(values) -> dict:
     """min/mean/median/p95/max of a pandas Series of counts (empty dict for no values)."""
     if values.empty:

@@ -5,6 +5,7 @@ Unknown keys, wrong types and out-of-range values stop with a message naming the
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -76,6 +77,22 @@ class FinetuneParams(_Section):
     lora_alpha: int = Field(default=16, ge=1)
     lora_dropout: float = Field(default=0.1, ge=0, lt=1)
     seed: int = 42
+    # Loss weight per class: none, balanced (n / (k * count), from the train split) or {label: weight}.
+    class_weights: Literal["none", "balanced"] | dict[str, float] = "none"
+
+    @field_validator("class_weights", mode="before")
+    @classmethod
+    def _class_weights(cls, v: object) -> object:
+        """One message for each mistake (pydantic's own would list every member of the union)."""
+        if isinstance(v, dict):
+            for label, w in v.items():
+                if isinstance(w, bool) or not isinstance(w, int | float) or not 0 < w < math.inf:
+                    raise ValueError(f"the weight of label {label!r} must be a number > 0, got {w!r}")
+            # YAML reads a label such as 1 or 0 as a number; labels are text everywhere else.
+            return {str(label): float(w) for label, w in v.items()}
+        if v not in ("none", "balanced"):
+            raise ValueError(f"expected none, balanced or a mapping {{label: weight}}, got {v!r}")
+        return v
 
 
 class MultilabelParams(_Section):

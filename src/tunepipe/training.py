@@ -12,11 +12,13 @@ import time
 from pathlib import Path
 
 import datasets
+import numpy as np
 import torch
 import transformers
 from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
+from tunepipe.errors import UserError
 from tunepipe.files import read_json
 from tunepipe.modeling import build_model, load_tokenizer, pick_precision
 from tunepipe.params import Params
@@ -65,10 +67,41 @@ def training_arguments(p: Params, metric: str, output_dir: str, precision: str, 
     )
 
 
+def class_weights(p: Params, train: datasets.Dataset, labels: list[str]) -> list[float] | None:
+    """finetune.class_weights as one loss weight per label id (None: unweighted). `balanced` counts the targets
+    the loss sees in `train` (texts, or labelled tokens for NER); a {label: weight} mapping leaves the labels it
+    does not name at 1.0."""
+    wanted = p.finetune.class_weights
+    if wanted == "none":
+        return None
+    if isinstance(wanted, dict):
+        unknown = sorted(set(wanted) - set(labels))
+        if unknown:
+            shown = ", ".join(labels[:30]) + (", ..." if len(labels) > 30 else "")
+            raise UserError(f"finetune.class_weights: unknown label(s) {', '.join(map(repr, unknown))}; the labels of "
+                            f"this data are: {shown} (see reports/data.json)")
+        return [float(wanted.get(label, 1.0)) for label in labels]
+    return balanced_weights(np.bincount(get_task(p.task).label_ids(train), minlength=len(labels)))
+
+
+def balanced_weights(counts: np.ndarray) -> list[float]:
+    """scikit-learn's `balanced` weights, n / (k * count), over the k classes that occur; a class that never
+    occurs as a target (e.g. an I- tag only ever seen after truncation) gets 1.0, a weight the loss never uses."""
+    from sklearn.utils.class_weight import compute_class_weight
+
+    present = np.flatnonzero(counts)
+    y = np.repeat(np.arange(len(counts)), counts)
+    weights = np.ones(len(counts))
+    weights[present] = compute_class_weight("balanced", classes=present, y=y)
+    return [float(w) for w in weights]
+
+
 def build_trainer(p: Params, dsd: datasets.DatasetDict, labels: list[str], output_dir: str,
                   callbacks: list[TrainerCallback] = (), save_checkpoints: bool = True) -> Trainer:
-    """The task (params' `task`) gives the head, the collator and the validation metrics; the rest is shared."""
+    """The task (params' `task`) gives the head, the collator, the validation metrics and the loss with
+    finetune.class_weights; the rest is shared."""
     task = get_task(p.task)
+    weights = class_weights(p, dsd["train"], labels)
     transformers.set_seed(p.finetune.seed)  # the fresh head's init depends on it too
     tokenizer = load_tokenizer(p.model.name)
     model = build_model(p.model.name, labels, p.finetune, task, pad_token_id=tokenizer.pad_token_id)
@@ -81,6 +114,7 @@ def build_trainer(p: Params, dsd: datasets.DatasetDict, labels: list[str], outpu
         processing_class=tokenizer,
         data_collator=task.collator(tokenizer),
         compute_metrics=task.compute_metrics(labels),
+        compute_loss_func=task.loss(weights) if weights else None,  # None: the model's own (unweighted) loss
         callbacks=[EarlyStoppingCallback(early_stopping_patience=p.finetune.early_stopping_patience),
                    TrainerProgress(task.headline_metric), *callbacks],
     )

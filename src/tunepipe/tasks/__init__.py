@@ -50,6 +50,7 @@ class Task:
       encode.tokenize(p, prepared_dir)         tokenize: model inputs with labels, a truncation report
       augment.augment(train, p)                augment: a bigger train split, labels preserved
       metrics.compute_metrics(labels)          finetune: Trainer's validation metrics
+      loss(weights), label_ids(train)          finetune: the loss with finetune.class_weights (methods below)
       evaluate.evaluate(model, tok, test, labels, reports_dir)   evaluate: metrics and reports (an Evaluation)
       metrics.paired_p_value(s, new, old)      promote: paired test on two versions' predictions.csv
       metrics.rescore(s, test, models)         promote --reevaluate (optional)
@@ -102,6 +103,25 @@ class Task:
         """export: what the served model needs from the model's metadata beyond task, labels and max_length
         (written into models/onnx/tunepipe.json, which serving/pyfunc_model.py reads)."""
         return {}
+
+    def label_ids(self, train: datasets.Dataset) -> np.ndarray:
+        """finetune.class_weights: every label id the loss is computed on in `train`, one per target."""
+        raise UserError(f"finetune.class_weights: task {self.name} has no class weights; set it to none")
+
+    def loss(self, weights: list[float]) -> Callable:
+        """Trainer's `compute_loss_func` weighting each class's targets by `weights` (one per label id): weighted
+        cross-entropy over the logits' last axis, targets -100 skipped, so it fits a sequence head (a label per
+        text) and a token head (a label per token) alike. The weighted mean sum(w*l)/sum(w) is per batch, as
+        training runs without gradient accumulation."""
+        import torch
+
+        def compute_loss(outputs, labels, num_items_in_batch=None):
+            logits = outputs["logits"]
+            w = torch.as_tensor(weights, dtype=torch.float32, device=logits.device)
+            return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                     weight=w, ignore_index=-100)
+
+        return compute_loss
 
     # No defaults: small, and what makes the task what it is.
     def collator(self, tokenizer) -> Callable:

@@ -25,6 +25,11 @@ class Classification(Task):
 
         return np.asarray(ds["labels"])
 
+    def label_ids(self, train):
+        import numpy as np
+
+        return np.asarray(train["labels"])  # one per text
+
     def describe_prediction(self, text, result):
         probs = "  ".join(f"{k}={v:.3f}" for k, v in result["probabilities"].items())
         return f"{result['label']}\t{result['score']:.3f}\t{probs}\t{text}"

@@ -18,6 +18,7 @@ from tunepipe.data import (
     describe,
     fill_missing_splits,
     hf_frame,
+    imbalance_ratio,
     load_hf,
     read_encoding,
     split_files,
@@ -242,12 +243,14 @@ def prepare(p: Params) -> Prepared:
     check_labels_seen(splits)
     splits = {k: splits[k].reset_index(drop=True) for k in SPLITS}
     hashes = {k: content_hash(records(v)) for k, v in splits.items()}
+    stats = {k: split_stats(v) for k, v in splits.items()}
     report = {
         "source": p.data.source,
         "labels": sorted(splits["train"]["label"].unique()),
         "drops": drops,
         "train_capped_from": before_cap if before_cap != len(splits["train"]) else None,
-        "splits": {k: split_stats(v) for k, v in splits.items()},
+        "splits": stats,
+        "imbalance_ratio": imbalance_ratio(stats["train"]["class_counts"].values()),  # train: largest/smallest class
         "hashes": hashes,
         "data_hash": data_hash(hashes),
     }

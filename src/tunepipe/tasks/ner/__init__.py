@@ -20,6 +20,14 @@ class Ner(Task):
     def scored_positions(self, batch):
         return batch["attention_mask"].astype(bool)  # every real token (evaluate scores the words)
 
+    def label_ids(self, train):
+        import numpy as np
+
+        from tunepipe.tasks.ner.encode import IGNORED
+
+        ids = np.concatenate([np.asarray(row, dtype=np.int64) for row in train["labels"]] or [np.zeros(0, np.int64)])
+        return ids[ids != IGNORED]  # one per labelled sub-token: what the loss sees
+
     def describe_prediction(self, text, result):
         ents = ", ".join(f"{e['text']} [{e['type']}] {e['score']:.2f}" for e in result["entities"]) or "(none)"
         return f"{text}\n  entities: {ents}"

@@ -17,6 +17,7 @@ from tunepipe.data import (
     decode_error,
     describe,
     fill_missing_splits,
+    imbalance_ratio,
     load_hf,
     read_encoding,
     split_files,
@@ -214,6 +215,8 @@ def prepare(p: Params) -> Prepared:
         "drops": drops,
         "train_capped_from": before_cap if before_cap != len(splits["train"]) else None,
         "splits": stats,
+        # train word tags (O included), largest/smallest: what finetune.class_weights weighs
+        "imbalance_ratio": imbalance_ratio(Counter(t for s in splits["train"] for t in s.tags).values()),
         "hashes": hashes,
         "data_hash": data_hash(hashes),
     }
