@@ -69,6 +69,11 @@ class FinetuneParams(_Section):
     seed: int = 42
 
 
+class CalibrationParams(_Section):
+    # temperature: evaluate fits a temperature on the validation split; served probabilities use it.
+    method: Literal["temperature", "none"] = "temperature"
+
+
 class ExportParams(_Section):
     opset: int = Field(default=17, ge=11, le=23)
     parity_tolerance: float = Field(default=1e-3, gt=0)
@@ -147,6 +152,7 @@ class Params(_Section):
     tokenize: TokenizeParams = TokenizeParams()
     augment: AugmentParams = AugmentParams()
     finetune: FinetuneParams = FinetuneParams()
+    calibration: CalibrationParams = CalibrationParams()
     export: ExportParams = ExportParams()
     tracking: TrackingParams = TrackingParams()
     sweep: SweepParams = SweepParams()

@@ -53,6 +53,14 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(-1, keepdims=True)
 
 
+def probabilities(meta: dict, logits: np.ndarray) -> np.ndarray:
+    """The served probabilities: softmax over the labels of logits / temperature, the temperature the evaluate
+    stage fitted on the validation split (one number, or one per label); an export without one (made before
+    calibration, or with calibration.method none) has T = 1, the plain softmax."""
+    t = np.asarray(meta.get("temperature", 1.0), dtype=np.float64)
+    return softmax(np.asarray(logits, dtype=np.float64) / t)
+
+
 class TextPredictor:
     def __init__(self, model_dir: str | Path, onnx_file: str = MODEL_FILE):
         import onnxruntime as ort
@@ -79,7 +87,8 @@ class TextPredictor:
         """Tag probabilities of each word from its first sub-token; a long text runs as several windows."""
         enc = self.tokenizer(words, is_split_into_words=True, truncation=True, max_length=self.max_length,
                              padding=True, return_overflowing_tokens=True, stride=0, return_tensors="np")
-        probs = softmax(self.session.run(None, {k: enc[k].astype(np.int64) for k in self.input_names})[0])
+        probs = probabilities(self.meta, self.session.run(None, {k: enc[k].astype(np.int64)
+                                                                 for k in self.input_names})[0])
         out: list[list[np.ndarray | None]] = [[None] * len(w) for w in words]
         for row, sample in enumerate(enc["overflow_to_sample_mapping"]):
             for pos, w in enumerate(enc.word_ids(row)):
@@ -106,7 +115,7 @@ class TextPredictor:
     def predict(self, texts: list[str]) -> list[dict]:
         if self.task == "ner":
             return self.entities(texts)
-        probs = softmax(self.logits(texts))
+        probs = probabilities(self.meta, self.logits(texts))
         return [{"label": self.labels[int(row.argmax())], "score": float(row.max()),
                  "probabilities": {lab: float(x) for lab, x in zip(self.labels, row, strict=True)}}
                 for row in probs]
