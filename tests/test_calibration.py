@@ -285,6 +285,7 @@ def repo(tmp_path, tiny_model_dir):
     return root
 
 
+@pytest.mark.slow
 def test_dvc_repro_calibrates_and_serves_calibrated(repo):
     import sys
 
