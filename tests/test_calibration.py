@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from tests.helpers import clone_repo, commit_all, sh, synthetic_rows, tiny_params, write_csv
+from tests.test_ner import ner_project, write_tiny_dir  # noqa: F401 (a fixture)
 from tunepipe.calibration import (
     SigmoidTemperature,
     SoftmaxTemperature,
@@ -273,6 +274,35 @@ def test_export_without_calibration_names_the_file(project):
     (root / "reports/calibration.json").unlink()
     with pytest.raises(UserError, match=r"reports/calibration.json not found .* `dvc repro evaluate`"):
         export.main()
+
+
+def test_ner_stages_calibrate_per_token_and_serve_it(ner_project):  # noqa: F811 (the fixture)
+    from stages import export
+    from tunepipe.serving.pyfunc_model import TextPredictor
+
+    root = ner_project(**{"finetune.epochs": 2.0, "finetune.eval_steps": 20})
+    write_tiny_dir(root, n_train=120, n_eval=20)
+    run_to_evaluate(root)
+    record = read_json(root / "reports/calibration.json")
+    validation = datasets.load_from_disk(str(root / "data/tokenized"))["validation"]
+    assert record["n_fit"] == sum(lab != -100 for row in validation["labels"] for lab in row)  # one per word
+    metrics = read_json(root / "reports/metrics.json")
+    assert {"ece", "ece_uncalibrated", "brier", "brier_uncalibrated", "f1"} <= set(metrics)
+    csv_rows = (root / "reports/plots/reliability.csv").read_text().splitlines()[1:]
+    test = datasets.load_from_disk(str(root / "data/tokenized"))["test"]
+    assert sum(int(r.split(",")[-1]) for r in csv_rows) == sum(lab != -100 for row in test["labels"] for lab in row)
+
+    (root / "reports/calibration.json").write_text(json.dumps({**record, "temperature": 3.0}))
+    export.main()
+    assert read_json(root / "reports/export.json")["fp32_max_abs_prob_diff"] <= 1e-3
+    predictor = TextPredictor(root / "models/onnx")
+    assert predictor.meta["temperature"] == 3.0
+    words = [["John", "Smith", "visited", "Paris", "."]]
+    enc = predictor.tokenizer(words, is_split_into_words=True, return_tensors="np")
+    logits = predictor.session.run(None, {k: enc[k].astype(np.int64) for k in predictor.input_names})[0][0]
+    first = [enc.word_ids(0).index(w) for w in range(5)]
+    served = np.array(predictor.word_probs(words)[0])
+    assert np.allclose(served, softmax(logits[first].astype(np.float64) / 3.0), atol=1e-6)
 
 
 @pytest.fixture
