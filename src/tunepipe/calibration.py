@@ -67,6 +67,10 @@ class SoftmaxTemperature:
 
     name = "softmax"
 
+    def identity(self, n_labels: int) -> float:
+        """The temperature that changes nothing."""
+        return 1.0
+
     def probabilities(self, logits: np.ndarray, temperature) -> np.ndarray:
         return softmax(np.asarray(logits, dtype=np.float64) / np.asarray(temperature, dtype=np.float64))
 
@@ -100,6 +104,9 @@ class SigmoidTemperature:
     """One temperature per label: p_k = sigmoid(logit_k / T_k). Gold: a 0/1 row per example (multi-hot)."""
 
     name = "sigmoid"
+
+    def identity(self, n_labels: int) -> list[float]:
+        return [1.0] * n_labels
 
     def probabilities(self, logits: np.ndarray, temperature) -> np.ndarray:
         return sigmoid(np.asarray(logits, dtype=np.float64) / np.asarray(temperature, dtype=np.float64))
@@ -156,11 +163,8 @@ def calibrate(cal, method: str, validation: tuple[np.ndarray, np.ndarray], test:
     Returns (flat test metrics for metrics.json, the calibration record export reads, reliability rows)."""
     v_logits, v_gold = validation
     t_logits, t_gold = test
-    n_temps = t_logits.shape[-1] if cal.name == "sigmoid" else 1
-    if method == "temperature" and len(v_gold):
-        temperature = cal.fit(v_logits, v_gold)
-    else:
-        temperature = [1.0] * n_temps if n_temps > 1 else 1.0
+    temperature = cal.fit(v_logits, v_gold) if method == "temperature" and len(v_gold) \
+        else cal.identity(t_logits.shape[-1])
     before = scores(cal, cal.probabilities(t_logits, 1.0), t_gold)
     after = scores(cal, cal.probabilities(t_logits, temperature), t_gold)
     metrics = {"ece": after["ece"], "ece_uncalibrated": before["ece"],
