@@ -41,7 +41,7 @@ def plot_reliability(rows: list[dict], temperature, path: Path) -> None:
     diagonal of perfect calibration and the share of predictions per bin below."""
     fig, (ax, hist) = plt.subplots(2, 1, figsize=(5.5, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     ax.plot([0, 1], [0, 1], ":", color="gray", label="perfect calibration")
-    t = f"{temperature:.3g}" if isinstance(temperature, int | float) else "per label"
+    t = f"{temperature:.4g}" if isinstance(temperature, int | float) else "per label"
     for suffix, name, style in (("_uncalibrated", "uncalibrated", "o--"), ("", f"calibrated (T={t})", "s-")):
         pts = [(r[f"confidence{suffix}"], r[f"accuracy{suffix}"]) for r in rows if r[f"count{suffix}"]]
         ax.plot([c for c, _ in pts], [a for _, a in pts], style, label=name)
