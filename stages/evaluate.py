@@ -1,5 +1,7 @@
 """Stage evaluate: the fine-tuned model on the test split -> metrics, a report, a confusion matrix and
-per-example predictions (the task's own), logged to the training run."""
+per-example predictions (the task's own), logged to the training run; calibration: a temperature fitted on the
+validation split (reports/calibration.json, which export stores with the model), ECE and Brier score on the test
+split before and after it (metrics.json) and a reliability diagram."""
 
 from __future__ import annotations
 
@@ -9,11 +11,13 @@ import datasets
 import mlflow
 
 from tunepipe import tracking
+from tunepipe.calibration import calibrate, calibrator, describe_temperature
 from tunepipe.errors import run_main
-from tunepipe.files import write_json
+from tunepipe.files import write_json, write_text
 from tunepipe.modeling import load_trained
 from tunepipe.params import load_params
-from tunepipe.paths import METRICS, MODEL, REPORTS, TOKENIZED
+from tunepipe.paths import CALIBRATION, METRICS, MODEL, RELIABILITY_CSV, RELIABILITY_PNG, REPORTS, TOKENIZED
+from tunepipe.plots import plot_reliability
 from tunepipe.progress import say
 
 
@@ -22,9 +26,17 @@ def main() -> None:
     p = load_params()
     tracking.check_reachable(p.tracking)  # before evaluating, not after it
     info, task, model, tokenizer = load_trained(MODEL)  # the task comes from the model's own metadata
-    test = datasets.load_from_disk(str(TOKENIZED))["test"]
+    splits = datasets.load_from_disk(str(TOKENIZED))
+    test = splits["test"]
     result = task.evaluate(model, tokenizer, test, info["labels"], REPORTS)
-    metrics = {**result.metrics, "test_data_hash": info["test_data_hash"]}
+    cal = calibrator(task.calibrator)
+    scores, record, rows = calibrate(
+        cal, p.calibration.method,
+        validation=task.calibration_data(model, tokenizer, splits["validation"]),
+        test=result.calibration or task.calibration_data(model, tokenizer, test))
+    write_reliability(rows, record["temperature"])
+    write_json(CALIBRATION, record)
+    metrics = {**result.metrics, **scores, "test_data_hash": info["test_data_hash"]}
     write_json(METRICS, metrics)
 
     tracking.setup(p.tracking)
@@ -32,12 +44,27 @@ def main() -> None:
     now = int(time.time() * 1000)
     flat = {f"test_{k}": v for k, v in metrics.items() if isinstance(v, int | float)}
     flat.update({f"test_f1_{label}": f1 for label, f1 in result.per_label_f1.items()})
+    if isinstance(record["temperature"], float):
+        flat["calibration_temperature"] = record["temperature"]
     client.log_batch(info["run_id"], metrics=[mlflow.entities.Metric(k, float(v), now, 0) for k, v in flat.items()])
-    for path in [METRICS, *result.artifacts]:
+    for path in [METRICS, CALIBRATION, RELIABILITY_PNG, *result.artifacts]:
         client.log_artifact(info["run_id"], str(path), "evaluation")
     say(f"evaluate: test {task.headline_metric} {metrics[task.headline_metric]:.4f}, accuracy "
         f"{metrics.get('accuracy', 0):.4f}, n_test {metrics['n_test']} (per-class report: "
         f"{REPORTS / 'classification_report.txt'})")
+    say(f"evaluate: calibration {record['method']}: temperature {describe_temperature(record['temperature'])} "
+        "(fitted on validation), "
+        f"test ECE {scores['ece_uncalibrated']:.4f} -> {scores['ece']:.4f}, Brier {scores['brier_uncalibrated']:.4f} "
+        f"-> {scores['brier']:.4f} (reliability diagram: {RELIABILITY_PNG})")
+
+
+def write_reliability(rows: list[dict], temperature) -> None:
+    """The reliability diagram's data (for `dvc plots`; empty bins have empty cells) and its PNG."""
+    cols = list(rows[0])
+    write_text(RELIABILITY_CSV, ",".join(cols) + "\n" + "".join(
+        ",".join("" if r[c] is None else f"{r[c]:.6g}" if isinstance(r[c], float) else str(r[c]) for c in cols)
+        + "\n" for r in rows))
+    plot_reliability(rows, temperature, RELIABILITY_PNG)
 
 
 if __name__ == "__main__":

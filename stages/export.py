@@ -14,12 +14,13 @@ from pathlib import Path
 import datasets
 
 from tunepipe import exporting, tracking
+from tunepipe.calibration import calibrator, describe_temperature
 from tunepipe.errors import UserError, run_main
 from tunepipe.exporting import INT8_AGREEMENT_BAR, INT8_RECIPE, export_onnx, input_names, parity, quantize_int8
 from tunepipe.files import atomic_dir, read_json, write_json
 from tunepipe.modeling import load_trained
 from tunepipe.params import load_params
-from tunepipe.paths import EXPORT, EXPORT_META, EXPORT_REPORT, METRICS, MODEL, TOKENIZED
+from tunepipe.paths import CALIBRATION, EXPORT, EXPORT_META, EXPORT_REPORT, METRICS, MODEL, TOKENIZED
 from tunepipe.progress import say
 from tunepipe.serving import PYFUNC_CODE
 
@@ -33,6 +34,14 @@ def main() -> None:
     info, task, model, tokenizer = load_trained(MODEL)  # the task comes from the model's own metadata
     inputs = input_names(tokenizer)
     test = datasets.load_from_disk(str(TOKENIZED))["test"]
+    # The served model's metadata, from the trained model's (serving/pyfunc_model.py reads it), with the
+    # temperature evaluate fitted on the validation split.
+    meta = {"task": info["task"], "labels": info["labels"], "max_length": info["max_length"], "input_names": inputs,
+            "temperature": stored_temperature(), "calibrator": task.calibrator, **task.served_metadata(info)}
+    cal = calibrator(task.calibrator)
+    # Parity covers what is served: tunepipe's calibrated probabilities of the PyTorch logits (what evaluate
+    # scored) against the served code's probabilities of the ONNX logits.
+    calibrated = (lambda z: cal.probabilities(z, meta["temperature"]), lambda z: served_probabilities(meta, z))
 
     t0 = time.time()
     with atomic_dir(EXPORT) as tmp:
@@ -40,20 +49,22 @@ def main() -> None:
         quantize_int8(tmp / "model.onnx", tmp / "model.int8.onnx", model.config)
         sessions = {name: ort.InferenceSession(str(tmp / f), providers=["CPUExecutionProvider"])
                     for name, f in (("fp32", "model.onnx"), ("int8", "model.int8.onnx"))}
-        report = parity(task, model, sessions, test, inputs, tokenizer.pad_token_id or 0)
-        report["parity_tolerance"] = p.export.parity_tolerance
+        report = parity(task, model, sessions, test, inputs, tokenizer.pad_token_id or 0, calibrated)
+        report.update(parity_tolerance=p.export.parity_tolerance, temperature=meta["temperature"])
         # Served: model.onnx (fp32). int8 is kept beside it, and would be served only at the agreement bar.
         report.update(int8_recipe=INT8_RECIPE, int8_agreement_bar=INT8_AGREEMENT_BAR,
                       int8_meets_bar=report["int8_label_agreement"] >= INT8_AGREEMENT_BAR, served="model.onnx")
         if report["fp32_max_abs_logit_diff"] > p.export.parity_tolerance:
             raise UserError(f"export: fp32 ONNX logits differ from PyTorch by {report['fp32_max_abs_logit_diff']:.2e}"
                             f" > export.parity_tolerance {p.export.parity_tolerance:g}; nothing was exported")
+        if report["fp32_max_abs_prob_diff"] > p.export.parity_tolerance:
+            raise UserError(f"export: served calibrated probabilities (fp32 ONNX, T="
+                            f"{describe_temperature(meta['temperature'])}) differ from PyTorch's by "
+                            f"{report['fp32_max_abs_prob_diff']:.2e} > export.parity_tolerance "
+                            f"{p.export.parity_tolerance:g}; nothing was exported")
         tokenizer.save_pretrained(tmp)
         shutil.copy(MODEL / "config.json", tmp / "config.json")
-        # The served model's metadata, from the trained model's (serving/pyfunc_model.py reads it).
-        write_json(tmp / EXPORT_META, {"task": info["task"], "labels": info["labels"],
-                                       "max_length": info["max_length"], "input_names": inputs,
-                                       **task.served_metadata(info)})
+        write_json(tmp / EXPORT_META, meta)
         report["export_seconds"] = round(time.time() - t0, 1)
         # The exporter may keep weights in an external-data file beside model.onnx.
         report["fp32_mb"] = round(sum(f.stat().st_size for f in tmp.glob("model.onnx*")) / 2**20, 1)
@@ -62,15 +73,30 @@ def main() -> None:
         # models/onnx and dvc.lock as they were, so `dvc repro` runs export again, and the fingerprint (the
         # trained model, the export settings and code) makes that run reuse the version it may have registered.
         fingerprint = tracking.content_fingerprint(MODEL, json.dumps(p.export.model_dump(), sort_keys=True),
-                                                   Path(exporting.__file__), PYFUNC_CODE)
+                                                   Path(exporting.__file__), PYFUNC_CODE,
+                                                   json.dumps(meta, sort_keys=True))
         report["registered"] = tracking.register(p, info["run_id"], tmp, info, read_json(METRICS), report,
                                                  fingerprint)
     write_json(EXPORT_REPORT, report)
     reg = report["registered"]
     bar = "meets" if report["int8_meets_bar"] else "is below"
-    say(f"export: fp32 max |diff| {report['fp32_max_abs_logit_diff']:.2e}, int8 label agreement "
+    say(f"export: fp32 max |diff| {report['fp32_max_abs_logit_diff']:.2e} (calibrated probabilities "
+        f"{report['fp32_max_abs_prob_diff']:.2e}, T={describe_temperature(meta['temperature'])}), int8 label agreement "
         f"{report['int8_label_agreement']:.4f} ({bar} the {INT8_AGREEMENT_BAR:.0%} bar; serving {report['served']}); "
         f"registered {reg['model_name']} version {reg['version']}")
+
+
+def stored_temperature() -> float | list[float]:
+    """The temperature evaluate fitted (reports/calibration.json; 1 with calibration.method none)."""
+    if not CALIBRATION.is_file():
+        raise UserError(f"export: {CALIBRATION} not found (evaluate writes it); run `dvc repro evaluate` first")
+    return read_json(CALIBRATION)["temperature"]
+
+
+def served_probabilities(meta: dict, logits):
+    from tunepipe.serving.pyfunc_model import probabilities  # the served code itself
+
+    return probabilities(meta, logits)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ split."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import datasets
@@ -76,13 +77,17 @@ def batches(ds: datasets.Dataset, input_names: list[str], pad_id: int, size: int
         yield out
 
 
-def parity(task: Task, model, sessions: dict, ds: datasets.Dataset, input_names: list[str], pad_id: int) -> dict:
+def parity(task: Task, model, sessions: dict, ds: datasets.Dataset, input_names: list[str], pad_id: int,
+           calibrated: tuple[Callable, Callable] | None = None) -> dict:
     """Max |logit difference| fp32 ONNX vs PyTorch, label agreement of each ONNX model with PyTorch at the
-    positions the task scores, and each model's accuracy where the task has one gold label per example."""
+    positions the task scores, and each model's accuracy where the task has one gold label per example.
+
+    calibrated = (probabilities of PyTorch logits, probabilities of ONNX logits), i.e. what evaluate scored and
+    what the served model returns: adds their max |difference| (fp32_max_abs_prob_diff)."""
     if "length" in ds.column_names:
         ds = ds.sort("length")  # batches of alike lengths: little padding, same results
     gold = task.gold_labels(ds)
-    max_diff, n_scored, n_rows = 0.0, 0, 0
+    max_diff, max_prob_diff, n_scored, n_rows = 0.0, 0.0, 0, 0
     agree = dict.fromkeys(sessions, 0)
     correct = dict.fromkeys(["torch", *sessions], 0)
     with torch.no_grad(), Progress("parity", len(ds), "texts") as bar:
@@ -93,6 +98,9 @@ def parity(task: Task, model, sessions: dict, ds: datasets.Dataset, input_names:
             outs = {name: sess.run(None, b)[0] for name, sess in sessions.items()}
             if "fp32" in outs:
                 max_diff = max(max_diff, float(np.abs(outs["fp32"] - ref)[at].max()))
+                if calibrated is not None:
+                    ref_p, served_p = calibrated[0](ref), calibrated[1](outs["fp32"])
+                    max_prob_diff = max(max_prob_diff, float(np.abs(served_p - ref_p)[at].max()))
             for name, out in outs.items():
                 agree[name] += int((out.argmax(-1)[at] == ref_lab[at]).sum())
             if gold is not None:
@@ -105,6 +113,8 @@ def parity(task: Task, model, sessions: dict, ds: datasets.Dataset, input_names:
     total = max(n_scored, 1)
     report = {"fp32_max_abs_logit_diff": max_diff, **{f"{k}_label_agreement": v / total for k, v in agree.items()},
               "n_compared": total}
+    if calibrated is not None:
+        report["fp32_max_abs_prob_diff"] = max_prob_diff
     if gold is not None and n_rows:
         report.update({f"{k}_accuracy": v / n_rows for k, v in correct.items()})
     return report

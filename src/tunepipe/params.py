@@ -107,6 +107,11 @@ class MultilabelParams(_Section):
         return v
 
 
+class CalibrationParams(_Section):
+    # temperature: evaluate fits a temperature on the validation split; served probabilities use it.
+    method: Literal["temperature", "none"] = "temperature"
+
+
 class ExportParams(_Section):
     opset: int = Field(default=17, ge=11, le=23)
     parity_tolerance: float = Field(default=1e-3, gt=0)
@@ -188,6 +193,7 @@ class Params(_Section):
     augment: AugmentParams = AugmentParams()
     finetune: FinetuneParams = FinetuneParams()
     multilabel: MultilabelParams = MultilabelParams()
+    calibration: CalibrationParams = CalibrationParams()
     export: ExportParams = ExportParams()
     tracking: TrackingParams = TrackingParams()
     sweep: SweepParams = SweepParams()

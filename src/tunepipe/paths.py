@@ -28,6 +28,9 @@ TOKENIZE_REPORT = REPORTS / "tokenize.json"
 AUGMENT_REPORT = REPORTS / "augment.json"
 TRAIN_REPORT = REPORTS / "train.json"
 METRICS = REPORTS / "metrics.json"
+CALIBRATION = REPORTS / "calibration.json"  # evaluate: the fitted temperature, which export stores with the model
+RELIABILITY_CSV = PLOTS / "reliability.csv"
+RELIABILITY_PNG = PLOTS / "reliability.png"
 EXPORT_REPORT = REPORTS / "export.json"
 SWEEP_REPORTS = REPORTS / "sweep"
 

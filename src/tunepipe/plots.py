@@ -36,6 +36,30 @@ def plot_confusion(matrix: list[list[int]], labels: list[str], path: Path, title
     _save(fig, path)
 
 
+def plot_reliability(rows: list[dict], temperature, path: Path) -> None:
+    """Reliability diagram: accuracy against mean confidence per bin, before and after calibration, with the
+    diagonal of perfect calibration and the share of predictions per bin below."""
+    fig, (ax, hist) = plt.subplots(2, 1, figsize=(5.5, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ax.plot([0, 1], [0, 1], ":", color="gray", label="perfect calibration")
+    t = f"{temperature:.4g}" if isinstance(temperature, int | float) else "per label"
+    for suffix, name, style in (("_uncalibrated", "uncalibrated", "o--"), ("", f"calibrated (T={t})", "s-")):
+        pts = [(r[f"confidence{suffix}"], r[f"accuracy{suffix}"]) for r in rows if r[f"count{suffix}"]]
+        ax.plot([c for c, _ in pts], [a for _, a in pts], style, label=name)
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.legend(loc="upper left")
+    ax.set_title("reliability (test split)")
+    width = 1 / max(len(rows), 1)
+    total = max(sum(r["count"] for r in rows), 1)
+    hist.bar([r["midpoint"] for r in rows], [r["count"] / total for r in rows], width=width * 0.9,
+             color="tab:orange")
+    hist.set_xlabel("confidence (calibrated)")
+    hist.set_ylabel("share")
+    fig.tight_layout()
+    _save(fig, path)
+
+
 def _save(fig, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")

@@ -53,6 +53,23 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(-1, keepdims=True)
 
 
+def probabilities(meta: dict, logits: np.ndarray) -> np.ndarray:
+    """The served probabilities of logits / temperature, the temperature the evaluate stage fitted on the
+    validation split (one number, or one per label): a softmax over the labels, or for a multi-label model
+    (calibrator "sigmoid") a sigmoid per label. An export without one (made before calibration, or with
+    calibration.method none) has T = 1, the plain softmax/sigmoid."""
+    z = np.asarray(logits, dtype=np.float64) / np.asarray(meta.get("temperature", 1.0), dtype=np.float64)
+    return 1.0 / (1.0 + np.exp(-z)) if meta.get("calibrator") == "sigmoid" else softmax(z)
+
+
+def calibrated_thresholds(meta: dict, labels: list[str]) -> np.ndarray:
+    """Multi-label thresholds were tuned on uncalibrated sigmoids: sigmoid(z) >= t exactly when
+    sigmoid(z / T) >= sigmoid(logit(t) / T), so the served decision stays the one evaluate scored."""
+    t = np.clip(np.array([float(meta.get("thresholds", {}).get(lab, 0.5)) for lab in labels]), 1e-12, 1 - 1e-12)
+    temperature = np.asarray(meta.get("temperature", 1.0), dtype=np.float64)
+    return 1.0 / (1.0 + np.exp(-np.log(t / (1 - t)) / temperature))
+
+
 class TextPredictor:
     def __init__(self, model_dir: str | Path, onnx_file: str = MODEL_FILE):
         import onnxruntime as ort
@@ -79,7 +96,8 @@ class TextPredictor:
         """Tag probabilities of each word from its first sub-token; a long text runs as several windows."""
         enc = self.tokenizer(words, is_split_into_words=True, truncation=True, max_length=self.max_length,
                              padding=True, return_overflowing_tokens=True, stride=0, return_tensors="np")
-        probs = softmax(self.session.run(None, {k: enc[k].astype(np.int64) for k in self.input_names})[0])
+        probs = probabilities(self.meta, self.session.run(None, {k: enc[k].astype(np.int64)
+                                                                 for k in self.input_names})[0])
         out: list[list[np.ndarray | None]] = [[None] * len(w) for w in words]
         for row, sample in enumerate(enc["overflow_to_sample_mapping"]):
             for pos, w in enumerate(enc.word_ids(row)):
@@ -106,8 +124,8 @@ class TextPredictor:
     def label_sets(self, texts: list[str]) -> list[dict]:
         """Multi-label: the labels whose sigmoid probability reaches their threshold (tuned per label on
         validation, stored in tunepipe.json), most probable first, and every label's probability."""
-        probs = 1.0 / (1.0 + np.exp(-self.logits(texts).astype(np.float64)))
-        th = np.array([float(self.meta.get("thresholds", {}).get(lab, 0.5)) for lab in self.labels])
+        probs = probabilities(self.meta, self.logits(texts))
+        th = calibrated_thresholds(self.meta, self.labels)
         return [{"labels": [{"label": self.labels[j], "probability": float(row[j])}
                             for j in np.argsort(-row, kind="stable") if row[j] >= th[j]],
                  "probabilities": {lab: float(x) for lab, x in zip(self.labels, row, strict=True)}}
@@ -118,7 +136,7 @@ class TextPredictor:
             return self.entities(texts)
         if self.task == "multilabel":
             return self.label_sets(texts)
-        probs = softmax(self.logits(texts))
+        probs = probabilities(self.meta, self.logits(texts))
         return [{"label": self.labels[int(row.argmax())], "score": float(row.max()),
                  "probabilities": {lab: float(x) for lab, x in zip(self.labels, row, strict=True)}}
                 for row in probs]

@@ -41,6 +41,9 @@ class Evaluation:
     metrics: dict  # reports/metrics.json
     per_label_f1: dict[str, float]  # logged to MLflow as test_f1_<label>
     artifacts: list[Path]  # report files logged with the run
+    # The test split's (logits, gold) as calibration_data gives them, where evaluate had them at hand (spares
+    # the calibration a second pass over the test split).
+    calibration: tuple[np.ndarray, np.ndarray] | None = None
 
 
 class Task:
@@ -52,6 +55,7 @@ class Task:
       metrics.compute_metrics(labels)          finetune: Trainer's validation metrics
       loss(weights), label_ids(train)          finetune: the loss with finetune.class_weights (methods below)
       evaluate.evaluate(model, tok, test, labels, reports_dir)   evaluate: metrics and reports (an Evaluation)
+      evaluate.calibration_data(model, tok, ds)   evaluate: (logits, gold) of a split for calibration
       metrics.paired_p_value(s, new, old)      promote: paired test on two versions' predictions.csv
       metrics.rescore(s, test, models)         promote --reevaluate (optional)
     The folder's __init__.py defines TASK, a subclass instance with the attributes and the few small methods
@@ -62,6 +66,9 @@ class Task:
     auto_model: str  # the transformers AutoModel class of the task head
     peft_task_type: str  # peft.TaskType member for LoRA
     problem_type: str | None = None  # the head's config.problem_type where the task fixes it (its loss)
+    # How logits become probabilities, and so how they are calibrated (tunepipe/calibration.py): "softmax" = one
+    # temperature over the label softmax; "sigmoid" = one temperature per label (multi-label).
+    calibrator: str = "softmax"
 
     def part(self, module: str):
         """One of the task folder's modules, imported on first use (choosing a task loads nothing heavy)."""
@@ -81,6 +88,11 @@ class Task:
 
     def evaluate(self, model, tokenizer, test: datasets.Dataset, labels: list[str], reports: Path) -> Evaluation:
         return self.part("evaluate").evaluate(model, tokenizer, test, labels, reports)
+
+    def calibration_data(self, model, tokenizer, ds: datasets.Dataset) -> tuple[np.ndarray, np.ndarray]:
+        """(logits, gold) of every scored prediction of a tokenized split, in the calibrator's shapes: softmax
+        (n, n_labels) logits and n label ids; sigmoid (n, n_labels) logits and 0/1 rows."""
+        return self.part("evaluate").calibration_data(model, tokenizer, ds)
 
     def paired_p_value(self, s: PromoteParams, new: pd.DataFrame, old: pd.DataFrame) -> float:
         return self.part("metrics").paired_p_value(s, new, old)

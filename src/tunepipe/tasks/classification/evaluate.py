@@ -36,6 +36,11 @@ def predict_logits(model, tokenizer, ds: datasets.Dataset, batch_size: int = 64)
     return restored
 
 
+def calibration_data(model, tokenizer, ds: datasets.Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """One prediction per text: its logits and its gold label id."""
+    return predict_logits(model, tokenizer, ds), np.asarray(ds["labels"])
+
+
 def evaluate(model, tokenizer, test: datasets.Dataset, labels: list[str], reports: Path) -> Evaluation:
     plots = reports / "plots"
     logits = predict_logits(model, tokenizer, test)
@@ -57,4 +62,4 @@ def evaluate(model, tokenizer, test: datasets.Dataset, labels: list[str], report
     plot_confusion(confusion_matrix(y_true, y_pred, labels=ids).tolist(), labels, plots / "confusion_matrix.png")
     return Evaluation(metrics, {lab: row["f1"] for lab, row in metrics["per_class"].items()},
                       [reports / "classification_report.txt", reports / "predictions.csv",
-                       plots / "confusion_matrix.png"])
+                       plots / "confusion_matrix.png"], calibration=(logits, y_true))

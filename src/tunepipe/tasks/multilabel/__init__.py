@@ -15,6 +15,7 @@ class Multilabel(Task):
     auto_model = "AutoModelForSequenceClassification"
     peft_task_type = "SEQ_CLS"
     problem_type = "multi_label_classification"
+    calibrator = "sigmoid"  # one temperature per label (tunepipe/calibration.py)
 
     def collator(self, tokenizer):
         from transformers import DataCollatorWithPadding

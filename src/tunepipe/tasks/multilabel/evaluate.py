@@ -42,10 +42,16 @@ def label_pairs(y: np.ndarray, pred: np.ndarray, labels: list[str]) -> list[tupl
     return pairs
 
 
+def calibration_data(model, tokenizer, ds: datasets.Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """One logit vector per text and its 0/1 gold row (the sigmoid calibrator fits one temperature per label)."""
+    return predict_logits(model, tokenizer, ds), (np.asarray(ds["labels"]) >= 0.5).astype(np.float64)
+
+
 def evaluate(model, tokenizer, test: datasets.Dataset, labels: list[str], reports: Path,
              thresholds: np.ndarray | None = None) -> Evaluation:
     plots = reports / "plots"
-    probs = sigmoid(predict_logits(model, tokenizer, test))
+    logits = predict_logits(model, tokenizer, test)
+    probs = sigmoid(logits)
     th = stored_thresholds(model, labels) if thresholds is None else np.asarray(thresholds)
     y, pred = np.asarray(test["labels"]) >= 0.5, probs >= th[None, :]
     metrics = {**multilabel_summary(y, pred, labels), "thresholds": dict(zip(labels, th.tolist(), strict=True))}
@@ -71,4 +77,4 @@ def evaluate(model, tokenizer, test: datasets.Dataset, labels: list[str], report
     write_text(reports / "predictions.csv", buf.getvalue())
     return Evaluation(metrics, {lab: row["f1"] for lab, row in metrics["per_label"].items()},
                       [reports / "classification_report.txt", reports / "predictions.csv",
-                       plots / "confusion_matrix.png"])
+                       plots / "confusion_matrix.png"], calibration=(logits, y.astype(np.float64)))

@@ -20,6 +20,7 @@ from tunepipe.modeling import MODEL_INPUTS
 from tunepipe.plots import plot_confusion
 from tunepipe.progress import Progress
 from tunepipe.tasks import Evaluation
+from tunepipe.tasks.ner.encode import IGNORED
 from tunepipe.tasks.ner.metrics import entity_scores, per_type, text_report
 from tunepipe.tasks.ner.scheme import seqeval_scheme
 
@@ -33,21 +34,52 @@ def first_subtoken_positions(word_ids: list[int], n_words: int) -> list[int | No
     return pos
 
 
-def predict_words(model, tokenizer, ds: datasets.Dataset, labels: list[str], batch_size: int = 64
-                  ) -> list[list[str]]:
-    """Each word's tag from its first sub-token's argmax (O where the word has no sub-token)."""
+def token_logits(model, tokenizer, ds: datasets.Dataset, batch_size: int = 64):
+    """Per batch of similar-length sentences: (their row indices, the rows, logits (batch, seq, n_tags))."""
     order = np.argsort(ds["length"], kind="stable")  # similar lengths per batch: little padding
     inputs = [k for k in MODEL_INPUTS if k in ds.column_names]
-    out: list[list[str]] = [[] for _ in range(len(ds))]
     with torch.inference_mode(), Progress("predict", len(ds), "sentences") as bar:
         for start in range(0, len(ds), batch_size):
             idx = order[start:start + batch_size].tolist()
             rows = ds.select(idx)
             batch = tokenizer.pad({k: rows[k] for k in inputs}, return_tensors="pt")
-            pred = model(**batch).logits.argmax(-1).numpy()
-            for j, (i, word_ids, n) in enumerate(zip(idx, rows["word_ids"], map(len, rows["tokens"]), strict=True)):
-                out[i] = ["O" if p is None else labels[pred[j, p]] for p in first_subtoken_positions(word_ids, n)]
+            yield idx, rows, model(**batch).logits.float().numpy()
             bar.update(len(idx))
+
+
+def labelled(rows: datasets.Dataset, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The (logits, gold tag id) of a batch's labelled sub-tokens (IGNORED positions and padding left out)."""
+    gold = np.full(logits.shape[:2], IGNORED)
+    for j, lab in enumerate(rows["labels"]):
+        gold[j, :len(lab)] = lab
+    keep = gold != IGNORED
+    return logits[keep], gold[keep]
+
+
+def calibration_data(model, tokenizer, ds: datasets.Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """Token level: the tag logits and gold tag of every labelled sub-token (the first of each word, or all of them
+    with tokenize.label_all_subtokens), as the model was trained."""
+    parts = [labelled(rows, logits) for _, rows, logits in token_logits(model, tokenizer, ds)]
+    return _stack(parts, model.config.num_labels)
+
+
+def _stack(parts: list[tuple[np.ndarray, np.ndarray]], n_labels: int) -> tuple[np.ndarray, np.ndarray]:
+    if not parts:
+        return np.zeros((0, n_labels), dtype=np.float32), np.zeros(0, dtype=np.int64)
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def predict_words(model, tokenizer, ds: datasets.Dataset, labels: list[str], batch_size: int = 64,
+                  calibration: list | None = None) -> list[list[str]]:
+    """Each word's tag from its first sub-token's argmax (O where the word has no sub-token). With `calibration`
+    (a list), each batch's labelled (logits, gold) is appended to it."""
+    out: list[list[str]] = [[] for _ in range(len(ds))]
+    for idx, rows, logits in token_logits(model, tokenizer, ds, batch_size):
+        pred = logits.argmax(-1)
+        for j, (i, word_ids, n) in enumerate(zip(idx, rows["word_ids"], map(len, rows["tokens"]), strict=True)):
+            out[i] = ["O" if p is None else labels[pred[j, p]] for p in first_subtoken_positions(word_ids, n)]
+        if calibration is not None:
+            calibration.append(labelled(rows, logits))
     return out
 
 
@@ -90,7 +122,8 @@ def predictions_csv(tokens: list[list[str]], y_true: list[list[str]], y_pred: li
 def evaluate(model, tokenizer, test: datasets.Dataset, labels: list[str], reports: Path) -> Evaluation:
     names = test.features["tags"].feature.names
     y_true = [[names[i] for i in row] for row in test["tags"]]
-    y_pred = predict_words(model, tokenizer, test, labels)
+    token_level: list[tuple[np.ndarray, np.ndarray]] = []
+    y_pred = predict_words(model, tokenizer, test, labels, calibration=token_level)
     tokens = [list(t) for t in test["tokens"]]
 
     metrics = {**entity_scores(y_true, y_pred, labels), "n_test": len(y_true),
@@ -106,4 +139,4 @@ def evaluate(model, tokenizer, test: datasets.Dataset, labels: list[str], report
                    title="entity confusion (O = missed / spurious)")
     return Evaluation(metrics, {kind: row["f1"] for kind, row in metrics["per_type"].items()},
                       [reports / "classification_report.txt", reports / "predictions.csv",
-                       plots / "confusion_matrix.png"])
+                       plots / "confusion_matrix.png"], calibration=_stack(token_level, len(labels)))
