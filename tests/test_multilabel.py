@@ -270,14 +270,22 @@ def test_pipeline_in_process_stores_thresholds_and_serves_label_sets(ml_project)
     served = read_json(root / "models/onnx/tunepipe.json")
     assert served["task"] == "multilabel" and served["thresholds"] == info["thresholds"]
 
-    from tunepipe.serving.pyfunc_model import TextPredictor
+    from tunepipe.serving.pyfunc_model import TextPredictor, calibrated_thresholds
 
-    out = TextPredictor(root / "models/onnx").predict(["so happy and scared today", "the car"])
-    for row in out:
+    # Calibrated per label (one sigmoid temperature each); the thresholds, tuned on raw sigmoids, are mapped so
+    # that the served decisions are the ones evaluate scored.
+    assert served["calibrator"] == "sigmoid" and len(served["temperature"]) == len(labels)
+    th = dict(zip(labels, calibrated_thresholds(served, labels), strict=True))
+    predictor = TextPredictor(root / "models/onnx")
+    texts = ["so happy and scared today", "the car"]
+    out = predictor.predict(texts)
+    raw = 1 / (1 + np.exp(-predictor.logits(texts)))
+    for row, raw_row in zip(out, raw, strict=True):
         assert set(row) == {"labels", "probabilities"} and set(row["probabilities"]) == set(labels)
         chosen = [x["label"] for x in row["labels"]]
         assert chosen == sorted(chosen, key=lambda lab: -row["probabilities"][lab])
-        assert {lab for lab, p in row["probabilities"].items() if p >= served["thresholds"][lab]} == set(chosen)
+        assert {lab for lab, p in row["probabilities"].items() if p >= th[lab]} == set(chosen)
+        assert {lab for lab, p in zip(labels, raw_row, strict=True) if p >= served["thresholds"][lab]} == set(chosen)
         assert all(x["probability"] == row["probabilities"][x["label"]] for x in row["labels"])
     line = get_task("multilabel").describe_prediction("so happy", out[0])
     assert line.endswith("\tso happy") and (line.startswith("(none)") or " 0." in line)
