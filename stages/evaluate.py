@@ -23,7 +23,7 @@ def main() -> None:
     tracking.check_reachable(p.tracking)  # before evaluating, not after it
     info, task, model, tokenizer = load_trained(MODEL)  # the task comes from the model's own metadata
     test = datasets.load_from_disk(str(TOKENIZED))["test"]
-    result = task.evaluate(model, tokenizer, test, info["labels"], REPORTS)
+    result = task.evaluate(model, tokenizer, test, info["labels"], REPORTS, info=info)
     metrics = {**result.metrics, "test_data_hash": info["test_data_hash"]}
     write_json(METRICS, metrics)
 

@@ -52,7 +52,9 @@ def main() -> None:
         shutil.copy(MODEL / "config.json", tmp / "config.json")
         # The served model's metadata, from the trained model's (serving/pyfunc_model.py reads it).
         write_json(tmp / EXPORT_META, {"task": info["task"], "labels": info["labels"],
-                                       "max_length": info["max_length"], "input_names": inputs})
+                                       "max_length": info["max_length"], "input_names": inputs,
+                                       **{k: info[k] for k in ("long_text", "stride", "window_aggregation")
+                                          if k in info}})
         report["export_seconds"] = round(time.time() - t0, 1)
         # The exporter may keep weights in an external-data file beside model.onnx.
         report["fp32_mb"] = round(sum(f.stat().st_size for f in tmp.glob("model.onnx*")) / 2**20, 1)

@@ -79,7 +79,7 @@ def build_trainer(p: Params, dsd: datasets.DatasetDict, labels: list[str], outpu
         eval_dataset=dsd["validation"],
         processing_class=tokenizer,
         data_collator=task.collator(tokenizer),
-        compute_metrics=task.compute_metrics(labels),
+        compute_metrics=task.validation_metrics(labels, dsd["validation"], p),
         callbacks=[EarlyStoppingCallback(early_stopping_patience=p.finetune.early_stopping_patience),
                    TrainerProgress(task.headline_metric), *callbacks],
     )

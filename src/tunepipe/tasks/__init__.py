@@ -60,6 +60,9 @@ class Task:
     headline_metric: str  # validation metric for early stopping and model selection; the test metric reported
     auto_model: str  # the transformers AutoModel class of the task head
     peft_task_type: str  # peft.TaskType member for LoRA
+    # tokenize.long_text values the task implements; "window" needs encode to add a text_id column (one row per
+    # window) and validation_metrics/evaluate/serving to aggregate the windows back to one prediction per text.
+    long_text_modes: tuple[str, ...] = ("truncate",)
 
     def part(self, module: str):
         """One of the task folder's modules, imported on first use (choosing a task loads nothing heavy)."""
@@ -69,7 +72,13 @@ class Task:
         return self.part("data").prepare(p)
 
     def tokenize(self, p: Params, prepared: Path) -> tuple[datasets.DatasetDict, dict]:
+        self.check_long_text(p)
         return self.part("encode").tokenize(p, prepared)
+
+    def check_long_text(self, p: Params) -> None:
+        if p.tokenize.long_text not in self.long_text_modes:
+            raise UserError(f"tokenize.long_text: {p.tokenize.long_text} is not available for task: {self.name} "
+                            f"(use {', '.join(self.long_text_modes)})")
 
     def augment(self, train: datasets.Dataset, p: Params) -> datasets.Dataset:
         return self.part("augment").augment(train, p)
@@ -77,7 +86,14 @@ class Task:
     def compute_metrics(self, labels: list[str]) -> Callable[[Any], dict[str, float]]:
         return self.part("metrics").compute_metrics(labels)
 
-    def evaluate(self, model, tokenizer, test: datasets.Dataset, labels: list[str], reports: Path) -> Evaluation:
+    def validation_metrics(self, labels: list[str], validation: datasets.Dataset, p: Params
+                           ) -> Callable[[Any], dict[str, float]]:
+        """Trainer's compute_metrics for this validation split (a task with windows scores them per text)."""
+        return self.compute_metrics(labels)
+
+    def evaluate(self, model, tokenizer, test: datasets.Dataset, labels: list[str], reports: Path,
+                 info: dict | None = None) -> Evaluation:
+        """info: the model's own metadata (training_info.json), for a task whose evaluation depends on it."""
         return self.part("evaluate").evaluate(model, tokenizer, test, labels, reports)
 
     def paired_p_value(self, s: PromoteParams, new: pd.DataFrame, old: pd.DataFrame) -> float:
