@@ -24,15 +24,14 @@ from tunepipe.tasks.classification.encode import tokenize_split
 from tunepipe.tasks.classification.metrics import aggregate_windows, compute_metrics
 
 
-def long_rows(n: int, seed: int = 0, filler_words: int = 24) -> list[tuple[str, str]]:
-    """Texts whose only label-carrying word is the last one, after `filler_words` words shared by both classes."""
+def long_rows(n: int, seed: int = 0, filler_words: int = 20) -> list[tuple[str, str]]:
+    """Texts whose label-carrying words are the last three, after `filler_words` words shared by both classes."""
     rng = random.Random(seed)
     rows = []
     for i in range(n):
         label = ("positive", "negative")[i % 2]
         words = [rng.choice(FILLER) for _ in range(filler_words)]
-        rows.append((" ".join(words) + f" {rng.randint(0, 10**6)} " + rng.choice(
-            POSITIVE if label == "positive" else NEGATIVE), label))
+        rows.append((" ".join(words + rng.sample(POSITIVE if label == "positive" else NEGATIVE, 3)), label))
     return rows
 
 
@@ -73,7 +72,7 @@ def test_aggregation_mean_and_max_per_text():
     # Validation scores texts, not windows: text 0 is right by its mean (class 1), text 1 is class 0.
     scores = compute_metrics(["a", "b"], text_ids, "mean")((logits, np.array([1, 1, 1, 0])))
     assert scores["accuracy"] == 1.0
-    assert compute_metrics(["a", "b"])((logits, np.array([1, 1, 1, 0])))["accuracy"] == 0.75  # per window: the first one is wrong
+    assert compute_metrics(["a", "b"])((logits, np.array([1, 1, 1, 0])))["accuracy"] == 0.75  # per window
 
 
 def write_project(root: Path, model_dir: Path, rows, **overrides) -> None:
@@ -129,7 +128,7 @@ def test_label_at_the_end_is_found_with_windows_not_with_truncation(tmp_path, mo
     report = read_json(root / "reports/tokenize.json")
     test_split = report["splits"]["test"]
     assert report["long_text"] == "window" and report["stride"] == 4
-    assert test_split["over_max_length"] == test_split["examples"] == 20 and test_split["windows"] > 40
+    assert test_split["over_max_length"] == test_split["examples"] == 20 and test_split["windows"] == 40  # 2 each
     assert read_json(tmp_path / "truncate/reports/tokenize.json")["splits"]["test"]["truncated"] == 20
     info = read_json(root / "models/model/training_info.json")
     assert (info["long_text"], info["stride"], info["window_aggregation"]) == ("window", 4, "mean")
@@ -148,3 +147,34 @@ def test_label_at_the_end_is_found_with_windows_not_with_truncation(tmp_path, mo
     served = pyfunc_model.TextPredictor(root / "models/onnx").predict(test["text"].tolist())
     assert [r["label"] for r in served] == preds["prediction"].tolist()
     np.testing.assert_allclose([r["score"] for r in served], preds["confidence"], atol=1e-4)
+
+
+def test_dvc_repro_sweep_and_promote_with_windows(tmp_path, tiny_model_dir):
+    """long_text: window through `dvc repro`, `tunepipe promote --reevaluate` (the served model windows the test
+    texts) and `tunepipe sweep` (trials validate per text), in a `git clone` of the repository."""
+    import json
+    import sys
+
+    from tests.helpers import clone_repo, commit_all, sh
+
+    root = clone_repo(tmp_path / "repo")
+    write_project(root, tiny_model_dir, long_rows(120), **{
+        "tokenize.max_length": 16, "tokenize.long_text": "window", "tokenize.stride": 4,
+        "tokenize.window_aggregation": "max", "finetune.epochs": 3.0, "finetune.eval_steps": 10,
+        "promote.min_delta": 0.0})
+    commit_all(root)
+    out = sh(["dvc", "repro"], root).stdout
+    assert "tokenize: max_length=16, windows with stride 4; over max_length train=100.00% (96 texts -> 192 windows)" \
+        in out
+    metrics = json.loads((root / "reports/metrics.json").read_text())
+    assert metrics["n_test"] == 12 and len((root / "reports/predictions.csv").read_text().splitlines()) == 13
+    assert json.loads((root / "models/onnx/tunepipe.json").read_text())["window_aggregation"] == "max"
+
+    # The served model re-scores the test texts (windows, max) to evaluate's per-text macro-F1.
+    cli = [sys.executable, "-m", "tunepipe.cli"]
+    res = sh([*cli, "promote", "--reevaluate"], root).stdout
+    assert "re-evaluated on the current test split" in res and "PROMOTE" in res, res
+    assert f"macro_f1 {metrics['macro_f1']:.4f}" in res, res
+    sweep = sh([*cli, "sweep", "--no-repro", "--trials", "1"], root)
+    assert "Traceback" not in sweep.stderr
+    assert (root / "reports/sweep").is_dir()
