@@ -75,6 +75,39 @@ def test_aggregation_mean_and_max_per_text():
     assert compute_metrics(["a", "b"])((logits, np.array([1, 1, 1, 0])))["accuracy"] == 0.75  # per window
 
 
+def test_validation_scores_windows_in_split_order(tiny_model_dir, tmp_path):
+    """Trainer groups validation batches by length like training ones; windows must come back in split order, or
+    compute_metrics would give windows to the wrong texts."""
+    from transformers import AutoTokenizer
+
+    from tunepipe.tasks.classification.evaluate import predict_logits
+    from tunepipe.training import build_trainer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = [(text, label) for n in (3, 30, 9, 45, 14, 22) for text, label in long_rows(6, seed=n, filler_words=n)]
+    ds = datasets.Dataset.from_dict({"text": [t for t, _ in rows], "label": [lab for _, lab in rows]})
+    val = tokenize_split(ds, tok, 16, {"negative": 0, "positive": 1}, stride=4)
+    assert len(set(val["length"])) > 3 and len(val) > len(rows)
+    p = parse_params({"model": {"name": str(tiny_model_dir)}, "tokenize": {"long_text": "window"},
+                      "finetune": {"precision": "fp32"}})
+    trainer = build_trainer(p, datasets.DatasetDict({"train": val, "validation": val}), ["negative", "positive"],
+                            str(tmp_path / "out"), save_checkpoints=False)
+    seen = {}
+    score = trainer.compute_metrics
+
+    def capture(eval_pred):
+        seen["logits"], seen["labels"] = eval_pred
+        return score(eval_pred)
+
+    trainer.compute_metrics = capture
+    metrics = trainer.evaluate()
+    assert seen["labels"].tolist() == val["labels"]
+    np.testing.assert_allclose(seen["logits"], predict_logits(trainer.model, tok, val), atol=1e-5)
+    logits, first = aggregate_windows(seen["logits"], val["text_id"], "mean")
+    assert metrics["eval_accuracy"] == pytest.approx(
+        float((logits.argmax(-1) == np.asarray(val["labels"])[first]).mean()))
+
+
 def write_project(root: Path, model_dir: Path, rows, **overrides) -> None:
     write_csv(root / "data/raw/train.csv", rows)
     (root / "params.yaml").write_text(yaml.safe_dump(tiny_params(model_dir, **overrides)))

@@ -72,7 +72,7 @@ def build_trainer(p: Params, dsd: datasets.DatasetDict, labels: list[str], outpu
     tokenizer = load_tokenizer(p.model.name)
     model = build_model(p.model.name, labels, p.finetune, task, pad_token_id=tokenizer.pad_token_id)
     precision = pick_precision(p.finetune.precision)
-    trainer = Trainer(
+    trainer = WindowedTrainer(
         model=model,
         args=training_arguments(p, task.headline_metric, output_dir, precision, save_checkpoints),
         train_dataset=dsd["train"],
@@ -85,6 +85,17 @@ def build_trainer(p: Params, dsd: datasets.DatasetDict, labels: list[str], outpu
     )
     trainer.remove_callback(PrinterCallback)  # it prints every log as a Python dict
     return trainer
+
+
+class WindowedTrainer(Trainer):
+    """Trainer that validates a split of windows (a text_id column, tokenize.long_text: window) in split order:
+    Trainer would group validation batches by length like training ones, and compute_metrics finds each window's
+    text by its position."""
+
+    def _get_eval_sampler(self, eval_dataset):
+        if "text_id" in getattr(self.eval_dataset, "column_names", ()):
+            return torch.utils.data.SequentialSampler(eval_dataset)
+        return super()._get_eval_sampler(eval_dataset)
 
 
 def history_curves(log_history: list[dict], metric: str) -> tuple[list[dict], list[dict]]:
