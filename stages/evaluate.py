@@ -28,12 +28,12 @@ def main() -> None:
     info, task, model, tokenizer = load_trained(MODEL)  # the task comes from the model's own metadata
     splits = datasets.load_from_disk(str(TOKENIZED))
     test = splits["test"]
-    result = task.evaluate(model, tokenizer, test, info["labels"], REPORTS)
+    result = task.evaluate(model, tokenizer, test, info["labels"], REPORTS, info=info)
     cal = calibrator(task.calibrator)
     scores, record, rows = calibrate(
         cal, p.calibration.method,
-        validation=task.calibration_data(model, tokenizer, splits["validation"]),
-        test=result.calibration or task.calibration_data(model, tokenizer, test))
+        validation=task.calibration_data(model, tokenizer, splits["validation"], info),
+        test=result.calibration or task.calibration_data(model, tokenizer, test, info))
     write_reliability(rows, record["temperature"])
     write_json(CALIBRATION, record)
     metrics = {**result.metrics, **scores, "test_data_hash": info["test_data_hash"]}

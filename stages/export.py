@@ -37,7 +37,8 @@ def main() -> None:
     # The served model's metadata, from the trained model's (serving/pyfunc_model.py reads it), with the
     # temperature evaluate fitted on the validation split.
     meta = {"task": info["task"], "labels": info["labels"], "max_length": info["max_length"], "input_names": inputs,
-            "temperature": stored_temperature(), "calibrator": task.calibrator, **task.served_metadata(info)}
+            "temperature": stored_temperature(), "calibrator": task.calibrator, **task.served_metadata(info),
+            **{k: info[k] for k in ("long_text", "stride", "window_aggregation") if k in info}}
     cal = calibrator(task.calibrator)
     # Parity covers what is served: tunepipe's calibrated probabilities of the PyTorch logits (what evaluate
     # scored) against the served code's probabilities of the ONNX logits.

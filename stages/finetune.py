@@ -79,7 +79,8 @@ def main() -> None:
         # The model's own metadata: everything downstream reads the task and labels from here, not from params.
         write_json(tmp / TRAINING_INFO, {"run_id": run_id, "task": p.task, "labels": labels, "fingerprint": fp,
                                          "data_hash": meta["data_hash"], "test_data_hash": meta["hashes"]["test"],
-                                         "max_length": p.tokenize.max_length, **summary, **extra})
+                                         "max_length": p.tokenize.max_length, **long_text_info(p), **summary,
+                                         **extra})
 
     loss, val = history_curves(trainer.state.log_history, metric)
     write_csv(PLOTS / "train_loss.csv", loss, ["step", "loss"])
@@ -100,6 +101,13 @@ def main() -> None:
     rate = f", {summary['train_tokens_per_s']:,.0f} real tokens/s" if summary["train_tokens_per_s"] else ""
     say(f"finetune: best validation {metric} {best:.4f} at step {summary['best_step']}/{summary['global_step']}, "
         f"trained in {duration(summary['train_runtime_s'])}{rate}")
+
+
+def long_text_info(p) -> dict:
+    """How this model reads a text longer than max_length; evaluate and the served model do the same."""
+    t = p.tokenize
+    return {"long_text": t.long_text, **({"stride": t.stride, "window_aggregation": t.window_aggregation}
+                                         if t.long_text == "window" else {})}
 
 
 if __name__ == "__main__":

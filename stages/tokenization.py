@@ -23,7 +23,14 @@ def main() -> None:
     with atomic_dir(TOKENIZED) as tmp:
         dsd.save_to_disk(str(tmp))
     write_json(TOKENIZE_REPORT, report)
-    rates = ", ".join(f"{k}={v['truncation_rate']:.2%}" for k, v in report["splits"].items())
+    splits = report["splits"].items()
+    if any("windows" in v for _, v in splits):  # tokenize.long_text: window
+        over = ", ".join(f"{k}={v['over_max_length_rate']:.2%} ({v['examples']} texts -> {v['windows']} windows)"
+                         for k, v in splits)
+        say(f"tokenize: max_length={p.tokenize.max_length}, windows with stride {p.tokenize.stride}; over max_length "
+            f"{over}")
+        return
+    rates = ", ".join(f"{k}={v['truncation_rate']:.2%}" for k, v in splits)
     say(f"tokenize: max_length={p.tokenize.max_length}, truncated {rates}")
 
 

@@ -51,6 +51,11 @@ class TokenizeParams(_Section):
     max_length: int = Field(default=64, ge=8, le=4096)
     # NER only: give every sub-token its word's tag instead of -100 after the first.
     label_all_subtokens: bool = False
+    # Texts longer than max_length: truncate (keep the start) or window (overlapping windows, each carrying the
+    # text's label in training; their logits aggregated back to one prediction per text). Classification only.
+    long_text: Literal["truncate", "window"] = "truncate"
+    stride: int = Field(default=16, ge=0)  # window: tokens shared by consecutive windows
+    window_aggregation: Literal["mean", "max"] = "mean"  # window: how a text's window logits become one
 
 
 class AugmentParams(_Section):

@@ -113,7 +113,7 @@ def build_trainer(p: Params, dsd: datasets.DatasetDict, labels: list[str], outpu
         eval_dataset=dsd["validation"],
         processing_class=tokenizer,
         data_collator=task.collator(tokenizer),
-        compute_metrics=task.compute_metrics(labels),
+        compute_metrics=task.validation_metrics(labels, dsd["validation"], p),
         compute_loss_func=task.loss(weights) if weights else None,  # None: the model's own (unweighted) loss
         callbacks=[EarlyStoppingCallback(early_stopping_patience=p.finetune.early_stopping_patience),
                    TrainerProgress(task.headline_metric), *callbacks],
@@ -137,12 +137,21 @@ class EpochSeededSampler(LengthGroupedSampler):
 
 
 class _Trainer(Trainer):
+    """Trainer with reproducible training batches (EpochSeededSampler) and, for a split of windows (a text_id
+    column, tokenize.long_text: window), validation in split order: Trainer would group validation batches by
+    length like training ones, and compute_metrics finds each window's text by its position."""
+
     def _get_train_sampler(self, train_dataset=None):
         sampler = super()._get_train_sampler(train_dataset)
         if type(sampler) is LengthGroupedSampler:
             seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
             return EpochSeededSampler(sampler.batch_size, sampler.lengths, seed)
         return sampler
+
+    def _get_eval_sampler(self, eval_dataset):
+        if "text_id" in getattr(eval_dataset, "column_names", ()):
+            return torch.utils.data.SequentialSampler(eval_dataset)
+        return super()._get_eval_sampler(eval_dataset)
 
 
 def history_curves(log_history: list[dict], metric: str) -> tuple[list[dict], list[dict]]:

@@ -70,6 +70,19 @@ def calibrated_thresholds(meta: dict, labels: list[str]) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.log(t / (1 - t)) / temperature))
 
 
+def aggregate_windows(logits: np.ndarray, text_ids: np.ndarray, how: str) -> np.ndarray:
+    """One row per text from its windows' logits (rows in text order): their mean, or per-class max. The same
+    as tasks/classification/metrics.py's aggregate_windows, which evaluate uses."""
+    texts, inverse = np.unique(np.asarray(text_ids), return_inverse=True)
+    if how == "max":
+        out = np.full((len(texts), logits.shape[-1]), -np.inf, dtype=logits.dtype)
+        np.maximum.at(out, inverse, logits)
+        return out
+    out = np.zeros((len(texts), logits.shape[-1]), dtype=np.float64)
+    np.add.at(out, inverse, logits)
+    return (out / np.bincount(inverse)[:, None]).astype(logits.dtype)
+
+
 class TextPredictor:
     def __init__(self, model_dir: str | Path, onnx_file: str = MODEL_FILE):
         import onnxruntime as ort
@@ -80,16 +93,24 @@ class TextPredictor:
         self.labels: list[str] = self.meta["labels"]
         self.task: str = self.meta.get("task", "classification")
         self.max_length: int = self.meta["max_length"]
+        # tokenize.long_text: window: a long text runs as overlapping windows whose logits are aggregated (as
+        # evaluate does); truncate (or an export made before windows existed): its first max_length tokens.
+        self.stride: int | None = self.meta.get("stride") if self.meta.get("long_text") == "window" else None
+        self.aggregation: str = self.meta.get("window_aggregation", "mean")
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
         self.session = ort.InferenceSession(str(model_dir / onnx_file), providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
 
     def logits(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
         out = []
+        windows = {} if self.stride is None else {"return_overflowing_tokens": True, "stride": self.stride}
         for i in range(0, len(texts), batch_size):
             enc = self.tokenizer(texts[i:i + batch_size], truncation=True, max_length=self.max_length,
-                                 padding=True, return_tensors="np")
-            out.append(self.session.run(None, {k: enc[k].astype(np.int64) for k in self.input_names})[0])
+                                 padding=True, return_tensors="np", **windows)
+            logits = self.session.run(None, {k: enc[k].astype(np.int64) for k in self.input_names})[0]
+            if windows:
+                logits = aggregate_windows(logits, enc["overflow_to_sample_mapping"], self.aggregation)
+            out.append(logits)
         return np.concatenate(out) if out else np.zeros((0, len(self.labels)), dtype=np.float32)
 
     def word_probs(self, words: list[list[str]]) -> list[list[np.ndarray | None]]:

@@ -69,6 +69,9 @@ class Task:
     # How logits become probabilities, and so how they are calibrated (tunepipe/calibration.py): "softmax" = one
     # temperature over the label softmax; "sigmoid" = one temperature per label (multi-label).
     calibrator: str = "softmax"
+    # tokenize.long_text values the task implements; "window" needs encode to add a text_id column (one row per
+    # window) and validation_metrics/evaluate/serving to aggregate the windows back to one prediction per text.
+    long_text_modes: tuple[str, ...] = ("truncate",)
 
     def part(self, module: str):
         """One of the task folder's modules, imported on first use (choosing a task loads nothing heavy)."""
@@ -78,7 +81,13 @@ class Task:
         return self.part("data").prepare(p)
 
     def tokenize(self, p: Params, prepared: Path) -> tuple[datasets.DatasetDict, dict]:
+        self.check_long_text(p)
         return self.part("encode").tokenize(p, prepared)
+
+    def check_long_text(self, p: Params) -> None:
+        if p.tokenize.long_text not in self.long_text_modes:
+            raise UserError(f"tokenize.long_text: {p.tokenize.long_text} is not available for task: {self.name} "
+                            f"(use {', '.join(self.long_text_modes)})")
 
     def augment(self, train: datasets.Dataset, p: Params) -> datasets.Dataset:
         return self.part("augment").augment(train, p)
@@ -86,13 +95,22 @@ class Task:
     def compute_metrics(self, labels: list[str]) -> Callable[[Any], dict[str, float]]:
         return self.part("metrics").compute_metrics(labels)
 
-    def evaluate(self, model, tokenizer, test: datasets.Dataset, labels: list[str], reports: Path) -> Evaluation:
+    def validation_metrics(self, labels: list[str], validation: datasets.Dataset, p: Params
+                           ) -> Callable[[Any], dict[str, float]]:
+        """Trainer's compute_metrics for this validation split (a task with windows scores them per text)."""
+        return self.compute_metrics(labels)
+
+    def evaluate(self, model, tokenizer, test: datasets.Dataset, labels: list[str], reports: Path,
+                 info: dict | None = None) -> Evaluation:
+        """info: the model's own metadata (training_info.json), for a task whose evaluation depends on it."""
         return self.part("evaluate").evaluate(model, tokenizer, test, labels, reports)
 
-    def calibration_data(self, model, tokenizer, ds: datasets.Dataset) -> tuple[np.ndarray, np.ndarray]:
+    def calibration_data(self, model, tokenizer, ds: datasets.Dataset, info: dict | None = None
+                         ) -> tuple[np.ndarray, np.ndarray]:
         """(logits, gold) of every scored prediction of a tokenized split, in the calibrator's shapes: softmax
-        (n, n_labels) logits and n label ids; sigmoid (n, n_labels) logits and 0/1 rows."""
-        return self.part("evaluate").calibration_data(model, tokenizer, ds)
+        (n, n_labels) logits and n label ids; sigmoid (n, n_labels) logits and 0/1 rows. info: the model's own
+        metadata (training_info.json)."""
+        return self.part("evaluate").calibration_data(model, tokenizer, ds, info)
 
     def paired_p_value(self, s: PromoteParams, new: pd.DataFrame, old: pd.DataFrame) -> float:
         return self.part("metrics").paired_p_value(s, new, old)

@@ -11,6 +11,16 @@ class Classification(Task):
     headline_metric = "macro_f1"
     auto_model = "AutoModelForSequenceClassification"
     peft_task_type = "SEQ_CLS"
+    long_text_modes = ("truncate", "window")
+
+    def validation_metrics(self, labels, validation, p):
+        # Windows of one text are scored as that text, aggregated the way evaluate and serving do.
+        text_ids = validation["text_id"] if "text_id" in validation.column_names else None
+        return self.part("metrics").compute_metrics(labels, text_ids, p.tokenize.window_aggregation)
+
+    def evaluate(self, model, tokenizer, test, labels, reports, info=None):
+        aggregation = (info or {}).get("window_aggregation", "mean")
+        return self.part("evaluate").evaluate(model, tokenizer, test, labels, reports, aggregation)
 
     def collator(self, tokenizer):
         from transformers import DataCollatorWithPadding

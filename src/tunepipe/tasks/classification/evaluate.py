@@ -12,7 +12,7 @@ from sklearn.metrics import classification_report, confusion_matrix
 from tunepipe.files import write_csv, write_text
 from tunepipe.plots import plot_confusion
 from tunepipe.tasks import Evaluation
-from tunepipe.tasks.classification.metrics import classification_summary
+from tunepipe.tasks.classification.metrics import aggregate_windows, classification_summary
 from tunepipe.training import TrainerProgress
 
 
@@ -36,15 +36,27 @@ def predict_logits(model, tokenizer, ds: datasets.Dataset, batch_size: int = 64)
     return restored
 
 
-def calibration_data(model, tokenizer, ds: datasets.Dataset) -> tuple[np.ndarray, np.ndarray]:
-    """One prediction per text: its logits and its gold label id."""
-    return predict_logits(model, tokenizer, ds), np.asarray(ds["labels"])
+def calibration_data(model, tokenizer, ds: datasets.Dataset, info: dict | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """One prediction per text: its logits (a split of windows: aggregated as evaluate and serving do) and its
+    gold label id."""
+    logits, gold = predict_logits(model, tokenizer, ds), np.asarray(ds["labels"])
+    if "text_id" in ds.column_names:
+        logits, first = aggregate_windows(logits, ds["text_id"], (info or {}).get("window_aggregation", "mean"))
+        gold = gold[first]
+    return logits, gold
 
 
-def evaluate(model, tokenizer, test: datasets.Dataset, labels: list[str], reports: Path) -> Evaluation:
+def evaluate(model, tokenizer, test: datasets.Dataset, labels: list[str], reports: Path,
+             aggregation: str = "mean") -> Evaluation:
+    """Per test text: a split of windows (tokenize.long_text: window; a text_id column) is scored per text, its
+    windows' logits aggregated by `aggregation` (mean | max), as served."""
     plots = reports / "plots"
     logits = predict_logits(model, tokenizer, test)
     y_true = np.asarray(test["labels"])
+    if "text_id" in test.column_names:
+        logits, first = aggregate_windows(logits, test["text_id"], aggregation)
+        y_true = y_true[first]
     y_pred = logits.argmax(-1)
     metrics = classification_summary(y_true, y_pred, labels)
     ids = list(range(len(labels)))

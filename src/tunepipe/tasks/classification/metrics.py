@@ -10,11 +10,32 @@ from tunepipe.errors import UserError
 from tunepipe.params import PromoteParams
 
 
-def compute_metrics(labels: list[str]):
-    """Trainer compute_metrics: accuracy and macro-F1 over the validation split."""
+def aggregate_windows(logits: np.ndarray, text_ids, how: str = "mean") -> tuple[np.ndarray, np.ndarray]:
+    """Window logits -> one row per text (mean or per-class max over its windows), texts in order of text_id;
+    also the index of each text's first window (where its label is read). serving/pyfunc_model.py does the same."""
+    logits, text_ids = np.asarray(logits), np.asarray(text_ids)
+    texts, first, inverse = np.unique(text_ids, return_index=True, return_inverse=True)
+    if how == "max":
+        out = np.full((len(texts), logits.shape[-1]), -np.inf, dtype=logits.dtype)
+        np.maximum.at(out, inverse, logits)
+    elif how == "mean":
+        out = np.zeros((len(texts), logits.shape[-1]), dtype=np.float64)
+        np.add.at(out, inverse, logits)
+        out = (out / np.bincount(inverse)[:, None]).astype(logits.dtype)
+    else:
+        raise ValueError(f"unknown window aggregation {how}")
+    return out, first
+
+
+def compute_metrics(labels: list[str], text_ids=None, aggregation: str = "mean"):
+    """Trainer compute_metrics: accuracy and macro-F1 over the validation split; with `text_ids` (one per row:
+    the windows of tokenize.long_text: window), per text, its windows' logits aggregated first."""
 
     def compute(eval_pred) -> dict[str, float]:
         logits, label_ids = eval_pred
+        if text_ids is not None:
+            logits, first = aggregate_windows(logits, text_ids, aggregation)
+            label_ids = np.asarray(label_ids)[first]
         preds = np.asarray(logits).argmax(-1)
         return {"accuracy": float(accuracy_score(label_ids, preds)),
                 "macro_f1": float(f1_score(label_ids, preds, average="macro"))}

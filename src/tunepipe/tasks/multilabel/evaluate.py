@@ -42,7 +42,8 @@ def label_pairs(y: np.ndarray, pred: np.ndarray, labels: list[str]) -> list[tupl
     return pairs
 
 
-def calibration_data(model, tokenizer, ds: datasets.Dataset) -> tuple[np.ndarray, np.ndarray]:
+def calibration_data(model, tokenizer, ds: datasets.Dataset, info: dict | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
     """One logit vector per text and its 0/1 gold row (the sigmoid calibrator fits one temperature per label)."""
     return predict_logits(model, tokenizer, ds), (np.asarray(ds["labels"]) >= 0.5).astype(np.float64)
 

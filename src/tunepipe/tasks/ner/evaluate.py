@@ -56,7 +56,8 @@ def labelled(rows: datasets.Dataset, logits: np.ndarray) -> tuple[np.ndarray, np
     return logits[keep], gold[keep]
 
 
-def calibration_data(model, tokenizer, ds: datasets.Dataset) -> tuple[np.ndarray, np.ndarray]:
+def calibration_data(model, tokenizer, ds: datasets.Dataset, info: dict | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
     """Token level: the tag logits and gold tag of every labelled sub-token (the first of each word, or all of them
     with tokenize.label_all_subtokens), as the model was trained."""
     parts = [labelled(rows, logits) for _, rows, logits in token_logits(model, tokenizer, ds)]
