@@ -149,7 +149,8 @@ class _Trainer(Trainer):
         return sampler
 
     def _get_eval_sampler(self, eval_dataset):
-        if "text_id" in getattr(eval_dataset, "column_names", ()):
+        # The split as given (the argument has lost its unused columns, text_id among them).
+        if "text_id" in getattr(self.eval_dataset, "column_names", ()):
             return torch.utils.data.SequentialSampler(eval_dataset)
         return super()._get_eval_sampler(eval_dataset)
 
