@@ -177,9 +177,14 @@ def test_label_at_the_end_is_found_with_windows_not_with_truncation(tmp_path, mo
     assert read_json(root / "reports/export.json")["fp32_max_abs_logit_diff"] <= 1e-3
     meta = read_json(root / "models/onnx/tunepipe.json")
     assert (meta["long_text"], meta["stride"], meta["window_aggregation"]) == ("window", 4, "mean")
-    served = pyfunc_model.TextPredictor(root / "models/onnx").predict(test["text"].tolist())
+    predictor = pyfunc_model.TextPredictor(root / "models/onnx")
+    served = predictor.predict(test["text"].tolist())
     assert [r["label"] for r in served] == preds["prediction"].tolist()
-    np.testing.assert_allclose([r["score"] for r in served], preds["confidence"], atol=1e-4)
+    logits = predictor.logits(test["text"].tolist())  # one row per text, its windows aggregated
+    # evaluate's confidence is the uncalibrated softmax; served scores use the temperature fitted on validation.
+    np.testing.assert_allclose(pyfunc_model.softmax(logits).max(-1), preds["confidence"], atol=1e-4)
+    np.testing.assert_allclose([r["score"] for r in served], pyfunc_model.probabilities(meta, logits).max(-1),
+                               atol=1e-6)
 
 
 def test_dvc_repro_sweep_and_promote_with_windows(tmp_path, tiny_model_dir):
