@@ -83,7 +83,10 @@ def repro(root: Path, args: list[str], log: Path, kill: tuple[str, float] | None
                 started.setdefault(stage, now)
                 if timeline is not None:
                     timeline[stage] = (timeline.get(stage, (now, now))[0], now)
-        if (kill and kill[0] in started and now >= started[kill[0]] + kill[1]) or (kill_when and kill_when()):
+        # A stage that finishes before its kill instant (faster than in the baseline) is killed just after it.
+        due = kill and kill[0] in started and (now >= started[kill[0]] + kill[1]
+                                               or not _stage_running(pgid, STAGES[kill[0]]))
+        if due or (kill_when and kill_when()):
             # Else the stage had already finished.
             result["landed"] = _stage_running(pgid, STAGES[kill[0] if kill else "export"])
             os.killpg(pgid, signal.SIGKILL)
