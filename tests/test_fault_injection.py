@@ -68,10 +68,10 @@ def _stage_running(pgid: int, module: str) -> bool:
 
 
 def repro(root: Path, args: list[str], log: Path, kill: tuple[str, float] | None = None,
-          timeline: dict | None = None, kill_when: Callable[[], bool] | None = None) -> dict:
+          timeline: dict | None = None, kill_when: tuple[str, Callable[[], bool]] | None = None) -> dict:
     """`dvc repro ARGS` in its own process group. kill=(stage, seconds): SIGKILL the group that long after the
-    stage's process appeared; kill_when: as soon as it returns True. timeline collects each stage's (first seen,
-    last seen) times."""
+    stage's process appeared; kill_when=(stage, test): as soon as test() is true. timeline collects each stage's
+    (first seen, last seen) times."""
     with open(log, "w") as out:
         proc = subprocess.Popen(["dvc", "repro", *args], cwd=root, env=_env(), stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
@@ -86,9 +86,9 @@ def repro(root: Path, args: list[str], log: Path, kill: tuple[str, float] | None
         # A stage that finishes before its kill instant (faster than in the baseline) is killed just after it.
         due = kill and kill[0] in started and (now >= started[kill[0]] + kill[1]
                                                or not _stage_running(pgid, STAGES[kill[0]]))
-        if due or (kill_when and kill_when()):
+        if due or (kill_when and kill_when[1]()):
             # Else the stage had already finished.
-            result["landed"] = _stage_running(pgid, STAGES[kill[0] if kill else "export"])
+            result["landed"] = _stage_running(pgid, STAGES[(kill or kill_when)[0]])
             os.killpg(pgid, signal.SIGKILL)
             proc.wait()
             while _group(pgid):  # the stage's process too (reparented, maybe a zombie for a while)
@@ -194,7 +194,7 @@ def test_kill_9_each_stage_then_repro_gives_the_uninterrupted_result(tmp_path, t
     # is complete: the re-run resumes from it and must retrace the uninterrupted run's loss curve step for step.
     ckpt = root / "models/checkpoints/checkpoint-20/trainer_state.json"
     res = repro(root, ["-f", "--downstream", "finetune"], tmp_path / "call-checkpoint.log",
-                kill_when=lambda: ckpt.is_file() and ckpt.stat().st_size > 0)
+                kill_when=("finetune", lambda: ckpt.is_file() and ckpt.stat().st_size > 0))
     assert res["killed"], res["output"][-3000:]
     kills.append(("extra", "finetune", "checkpoint 20 saved", res["landed"]))
     landed += res["landed"]
@@ -202,7 +202,8 @@ def test_kill_9_each_stage_then_repro_gives_the_uninterrupted_result(tmp_path, t
     # report it. The next re-run must not register a second one.
     before = _n_versions(root / "mlflow.db")
     assert before >= ROUNDS
-    res = repro(root, [], tmp_path / "call-resume.log", kill_when=lambda: _n_versions(root / "mlflow.db") > before)
+    res = repro(root, [], tmp_path / "call-resume.log",
+                kill_when=("export", lambda: _n_versions(root / "mlflow.db") > before))
     assert res["killed"] and RESUMED in res["output"], res["output"][-3000:]
     resumed += 1
     kills.append(("extra", "export", "just after registering", res["landed"]))
