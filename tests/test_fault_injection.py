@@ -122,7 +122,9 @@ def _registry_versions(root: Path) -> set[int]:
 def _n_versions(db: Path) -> int:
     """Registered versions, read straight from the sqlite store (cheap enough to poll while export runs)."""
     try:
-        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=0.1)) as con:
+        # Not read-only: after a kill the database may have a hot journal, which only a writable connection rolls
+        # back (as MLflow's next connection would).
+        with contextlib.closing(sqlite3.connect(db, timeout=1)) as con:
             return con.execute("SELECT count(*) FROM model_versions").fetchone()[0]
     except sqlite3.Error:  # not created yet, or locked by the writer this instant
         return -1
