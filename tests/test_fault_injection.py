@@ -68,8 +68,8 @@ def _stage_running(pgid: int, module: str) -> bool:
 
 def repro(root: Path, args: list[str], log: Path, kill: tuple[str, float] | None = None,
           timeline: dict | None = None, kill_when: tuple[str, Callable[[], bool]] | None = None) -> dict:
-    """`dvc repro ARGS` in its own process group. kill=(stage, seconds): SIGKILL the group that long after the
-    stage's process appeared; kill_when=(stage, test): as soon as test() is true. timeline collects each stage's
+    """`dvc repro ARGS` in its own process group. kill=(stage, seconds): SIGKILL the stage's process that long after
+    it appeared; kill_when=(stage, test): as soon as test() is true. timeline collects each stage's
     (first seen, last seen) times."""
     with open(log, "w") as out:
         proc = subprocess.Popen(["dvc", "repro", *args], cwd=root, env=_env(), stdout=out, stderr=subprocess.STDOUT,
@@ -82,17 +82,21 @@ def repro(root: Path, args: list[str], log: Path, kill: tuple[str, float] | None
                 started.setdefault(stage, now)
                 if timeline is not None:
                     timeline[stage] = (timeline.get(stage, (now, now))[0], now)
-        # A stage that finishes before its kill instant (faster than in the baseline) is killed just after it.
-        due = kill and kill[0] in started and (now >= started[kill[0]] + kill[1]
-                                               or not _stage_running(pgid, STAGES[kill[0]]))
-        if due or (kill_when and kill_when[1]()):
-            # Else the stage had already finished.
-            result["landed"] = _stage_running(pgid, STAGES[(kill or kill_when)[0]])
-            os.killpg(pgid, signal.SIGKILL)
+        target = (kill or kill_when or (None,))[0]
+        due = (kill and kill[0] in started and now >= started[kill[0]] + kill[1]) or (kill_when and kill_when[1]())
+        if due:
+            # SIGKILL the stage's own process, as a crash or the OOM killer would; DVC sees the stage fail, releases
+            # its locks and exits. (Killing DVC itself while it writes .dvc/tmp/rwlock leaves that file corrupt, and
+            # every later `dvc repro` refuses to run until it is deleted: DVC's own limitation, see the README.)
+            pids = [pid for pid, cmd in _group(pgid).items() if f"-m stages.{STAGES[target]} " in cmd + " "]
+            if not pids:  # it finished before its kill instant (faster than in the baseline): let the run end
+                kill = kill_when = None
+                continue
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             proc.wait()
-            while _group(pgid):  # the stage's process too (reparented, maybe a zombie for a while)
-                time.sleep(0.02)
-            result["killed"] = True
+            result["killed"] = result["landed"] = True
             break
         time.sleep(0.02)
     result["rc"] = proc.returncode
