@@ -5,10 +5,13 @@ The module is not named tokenize.py: that is a standard-library module."""
 
 from __future__ import annotations
 
+import sys
+
 import datasets
 
 from tunepipe.errors import run_main
 from tunepipe.files import atomic_dir, write_json
+from tunepipe.modeling import untracked_model
 from tunepipe.params import load_params
 from tunepipe.paths import PREPARED, TOKENIZE_REPORT, TOKENIZED
 from tunepipe.progress import say
@@ -19,6 +22,9 @@ def main() -> None:
     datasets.disable_progress_bars()  # per-batch bars drown the stage's one-line summary in DVC's log
     datasets.disable_caching()  # cache files would land inside upstream outputs and dirty them for DVC
     p = load_params()
+    warning = untracked_model(p.model.name)  # dvc.yaml holds model.name, not the directory's files
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     dsd, report = get_task(p.task).tokenize(p, PREPARED)
     with atomic_dir(TOKENIZED) as tmp:
         dsd.save_to_disk(str(tmp))

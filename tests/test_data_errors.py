@@ -98,6 +98,21 @@ def test_ner_cap_keeps_every_entity_type(workdir):
         prepare("ner", source="data/raw/conll", max_train_samples=2)
 
 
+def test_multilabel_cap_keeps_every_label(workdir):
+    """A rare label (one train text of 200) survives a cap of 5; a cap below the label count names the key."""
+    rows = [(t, "joy|love" if lab == "positive" else lab) for t, lab in synthetic_rows(230)]
+    rare = [(f"rare anger text {i}", "anger") for i in range(3)]
+    d = workdir / "data/raw/split"
+    write_csv(d / "train.csv", rows[:200] + rare[:1])
+    write_csv(d / "validation.csv", rows[200:215] + rare[1:2])
+    write_csv(d / "test.csv", rows[215:] + rare[2:])
+    splits, report = prepare("multilabel", source="data/raw/split", max_train_samples=5)
+    assert len(splits["train"]) == 5
+    assert {x for ls in splits["train"]["labels"] for x in ls} == {"anger", "joy", "love", "negative", "neutral"}
+    with pytest.raises(UserError, match=r"data.max_train_samples: 4 is fewer than the 5 labels in the train split"):
+        prepare("multilabel", source="data/raw/split", max_train_samples=4)
+
+
 # --- 2. hub class names ----------------------------------------------------------------------------------------
 
 def hub_dir(root, test_labels: list[int] | None = None):
@@ -130,6 +145,25 @@ def test_hf_frame_maps_class_ids_and_no_label():
                                                                 "label": datasets.ClassLabel(names=["neg", "pos"])}))
     df = shared_data.hf_frame(ds)
     assert df["label"].tolist()[0::2] == ["pos", "neg"] and pd.isna(df["label"][1])
+
+
+def test_hf_multilabel_class_lists_keep_their_names(workdir):
+    """A hub multi-label column (a list of class ids, as GoEmotions on the hub) prepares as label names."""
+    names = ["anger", "joy", "love"]
+    features = datasets.Features({"text": datasets.Value("string"),
+                                  "labels": datasets.List(datasets.ClassLabel(names=names))})
+    d = workdir / "hub"
+    d.mkdir()
+    rows = synthetic_rows(150)
+    sets = [[0], [1, 2], []]
+    for split, part in {"train": rows[:100], "validation": rows[100:125], "test": rows[125:]}.items():
+        datasets.Dataset.from_dict({"text": [t for t, _ in part],
+                                    "labels": [sets[i % 3] for i in range(len(part))]},
+                                   features=features).to_parquet(d / f"{split}.parquet")
+    # Before: label sets of ids, '0', '1', '2'.
+    splits, report = prepare("multilabel", source=f"hf:{d}", label_column="labels")
+    assert report["labels"] == names
+    assert {tuple(x) for x in splits["test"]["labels"]} == {("anger",), ("joy", "love"), ()}
 
 
 def test_hf_unlabelled_test_split_is_carved_from_train(workdir, capsys):

@@ -91,6 +91,19 @@ def test_max_length_beyond_the_tokenizers_declared_limit(project, tiny_model_dir
         tokenize.main()
 
 
+def test_local_model_directory_warns_that_dvc_does_not_track_it(project, tiny_model_dir, capsys):
+    """model.name is a param in dvc.yaml; the files of a local model directory are not a dependency."""
+    project()  # model.name: the tiny model's directory
+    prepare.main()
+    tokenize.main()
+    err = capsys.readouterr().err
+    assert err.count("DVC does not track") == 1
+    assert f"model.name: {tiny_model_dir} is a local directory" in err and "`dvc repro -f tokenize`" in err
+    from tunepipe.modeling import untracked_model
+
+    assert untracked_model("builtin:minilm-l6") is None and untracked_model("bert-base-uncased") is None
+
+
 # --- 2. CoNLL files: a byte-order mark, no-break spaces, words without sub-tokens ----------------------------
 
 def test_conll_with_a_bom_and_no_break_spaces(tmp_path, tiny_model_dir):

@@ -22,6 +22,10 @@ def test_repository_params_are_valid():
     ({"sweep": {"learning_rate": [1e-3, 1e-5]}}, "sweep.learning_rate: range must be"),
     ({"sweep": {"trials": 0}}, "sweep.trials: Input should be greater than 0"),
     ({"task": "regression"}, "task: Input should be"),
+    # a loss or an error: promotion would move the champion for a worse model
+    ({"promote": {"metric": "hamming_loss"}}, "promote.metric: 'hamming_loss' is lower-is-better"),
+    ({"promote": {"metric": "ece"}}, "promote.metric: 'ece' is lower-is-better"),
+    ({"promote": {"metric": "brier_uncalibrated"}}, "promote.metric: 'brier_uncalibrated' is lower"),
 ])
 def test_bad_values_name_the_key(raw, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace("[", r"\[")):

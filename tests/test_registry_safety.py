@@ -22,7 +22,7 @@ from tests import test_registry
 from tests.test_registry import Registry, free_port, fresh_pg_database
 from tests.test_stages import run_front
 from tunepipe import tracking
-from tunepipe.errors import UserError
+from tunepipe.errors import UserError, masked
 from tunepipe.files import read_json
 from tunepipe.params import load_params, parse_params
 from tunepipe.registry import locks
@@ -225,3 +225,15 @@ def test_registered_model_pins_the_installed_serving_requirements(reg, onnx_expo
     lines = open(mlflow.pyfunc.get_model_dependencies(f"models:/{reg.name}/{out['version']}")).read().splitlines()
     for name in ("onnxruntime", "transformers", "tokenizers", "pandas", "numpy", "mlflow"):
         assert f"{name}=={importlib.metadata.version(name)}" in lines, lines
+
+
+@pytest.mark.parametrize("uri", [
+    f"postgresql://root:{PASSWORD}@db:5432/mlflow",
+    f"postgresql://db:5432/mlflow?user=root&password={PASSWORD}&sslmode=require",
+    f"postgresql+psycopg2://db/mlflow?PASSWORD={PASSWORD}",
+    f"http://user:{PASSWORD}@tracking.example:5000",
+])
+def test_masked_hides_passwords_in_userinfo_and_query(uri):
+    shown = masked(f"error: cannot reach {uri} (tracking.uri)")
+    assert PASSWORD not in shown and "***" in shown
+    assert shown.endswith("(tracking.uri)")

@@ -4,6 +4,7 @@ what to do (not after minutes of retries and a traceback), and a sweep trial tha
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import time
@@ -142,6 +143,50 @@ def test_a_reachable_store_passes_the_check(project):
     assert tracking.check_reachable(p.tracking) == f"sqlite:///{root.resolve() / 'mlflow.db'}"
     tracking.setup(p.tracking)
     assert (root / "mlflow.db").is_file()
+
+
+def test_a_server_lost_after_the_check_fails_within_a_minute(monkeypatch, tmp_path):
+    """The server answers the pre-flight check, then every request gets 503 (a server gone behind its proxy):
+    MLflow's default retries would keep the stage waiting for minutes; tracking.setup's bound them."""
+    import http.server
+    import threading
+
+    from tunepipe import tracking
+    from tunepipe.params import TrackingParams
+
+    for var in tracking.HTTP_RETRIES:
+        monkeypatch.delenv(var, raising=False)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self._answer(200, b'{"experiment": {"experiment_id": "1", "name": "tunepipe"}}')
+
+        def do_POST(self):
+            self._answer(503, b"unavailable")
+
+        def _answer(self, code, body):
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        tracking.setup(TrackingParams(uri=f"http://127.0.0.1:{server.server_port}"))
+        t0 = time.monotonic()
+        with pytest.raises(mlflow.exceptions.MlflowException):
+            mlflow.MlflowClient().create_run("1")
+        assert time.monotonic() - t0 < 60
+    finally:
+        server.shutdown()
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "9")  # the user's own setting wins
+    tracking.setup(TrackingParams(uri=f"sqlite:///{tmp_path / 'mlflow.db'}"))
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "9"
 
 
 # ---------------------------------------------------------------------------------------------- failing trials

@@ -114,7 +114,8 @@ def load_hf(spec: str) -> dict:
 
 def hf_frame(ds) -> pd.DataFrame:
     """A hub split as a pandas frame, class-label columns as their names (ClassLabel stores ints; -1 means no label
-    and becomes missing, which the task drops and counts like any missing label)."""
+    and becomes missing, which the task drops and counts like any missing label). A list of class labels (a
+    multi-label column, e.g. GoEmotions on the hub) becomes a list of names."""
     import datasets
     import pandas as pd
 
@@ -122,13 +123,22 @@ def hf_frame(ds) -> pd.DataFrame:
     for col, feature in ds.features.items():
         if isinstance(feature, datasets.ClassLabel):
             codes = df[col].fillna(-1).astype(int)
-            bad = codes[(codes < -1) | (codes >= feature.num_classes)]
-            if len(bad):
-                raise UserError(f"data.source: column '{col}' holds class id {bad.iloc[0]}, outside its "
-                                f"{feature.num_classes} class names")
+            _check_class_ids(col, codes[(codes < -1) | (codes >= feature.num_classes)], feature)
             names = pd.Categorical.from_codes(codes, categories=feature.names)
             df[col] = pd.Series(names, index=df.index).astype(object).where(codes >= 0, None)
+        elif isinstance(feature, datasets.List | datasets.Sequence) and isinstance(feature.feature,
+                                                                                   datasets.ClassLabel):
+            inner = feature.feature
+            ids = [int(i) for cell in df[col] if cell is not None for i in cell]
+            _check_class_ids(col, [i for i in ids if not 0 <= i < inner.num_classes], inner)
+            df[col] = [None if cell is None else [inner.names[int(i)] for i in cell] for cell in df[col]]
     return df
+
+
+def _check_class_ids(col: str, bad, feature) -> None:
+    if len(bad):
+        raise UserError(f"data.source: column '{col}' holds class id {list(bad)[0]}, outside its "
+                        f"{feature.num_classes} class names")
 
 
 def untracked_source(source: str, tracked: str = "data/raw") -> str | None:

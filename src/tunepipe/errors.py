@@ -12,12 +12,14 @@ from tunepipe.progress import quiet_libraries
 # scheme://user:PASSWORD@host -> scheme://user:***@host (SQLAlchemy's hide_password spelling), anywhere in a text;
 # up to the last @ of the word, so an unencoded @ in a password does not leave its tail shown.
 _URL_PASSWORD = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*:)[^\s\"']+@")
+# ...?password=PASSWORD (libpq and SQLAlchemy accept the password as a query parameter too)
+_QUERY_PASSWORD = re.compile(r"([?&;](?:password|passwd|pwd)=)[^&;#\s\"']+", re.IGNORECASE)
 
 
 def masked(text: str) -> str:
     """`text` with the password of every URL in it replaced by ***: store URIs (tracking.uri, sweep.storage,
     $MLFLOW_TRACKING_URI) reach tags, run params, messages and printed output only through this."""
-    return _URL_PASSWORD.sub(r"\1***@", text)
+    return _QUERY_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1***@", text))
 
 
 class UserError(Exception):

@@ -48,6 +48,17 @@ def resolve_model(name: str) -> str:
     return name
 
 
+def untracked_model(name: str) -> str | None:
+    """A warning when model.name is a local directory: dvc.yaml tracks the name (a param), not the files in it, so
+    retraining the model in place would not re-run the pipeline. None for builtin models (they change only with
+    their package's version) and hub ids (a name DVC tracks)."""
+    if name.startswith("builtin:") or not Path(name).is_dir():
+        return None
+    return (f"warning: model.name: {name} is a local directory, which DVC does not track: `dvc repro` will not "
+            "re-run tokenize and the stages after it when the files in it change. Give the changed model a new "
+            "directory name, or force it with `dvc repro -f tokenize`")
+
+
 def looks_like_path(name: str) -> bool:
     """A hub id is NAME or OWNER/NAME; anything absolute, relative (./, ../, ~) or deeper can only be a path."""
     return name.startswith((".", "/", "~", "\\")) or name.count("/") > 1 or "\\" in name or Path(name).is_absolute()

@@ -164,6 +164,10 @@ class SweepParams(_Section):
         return v
 
 
+# metrics.json keys where lower is better (promote.metric refuses them)
+LOWER_IS_BETTER = ("hamming_loss", "ece", "brier", "nll")
+
+
 class PromoteParams(_Section):
     # A test metric tagged on registered versions (metric.<name>); higher is better. None = the task's headline
     # metric (classification macro_f1, ner f1, multilabel micro_f1), filled in by Params.
@@ -176,9 +180,13 @@ class PromoteParams(_Section):
 
     @field_validator("metric")
     @classmethod
-    def _metric_is_a_score(cls, v: str) -> str:
+    def _metric_is_a_score(cls, v: str | None) -> str | None:
         if v in ("n_test", "test_data_hash"):
             raise ValueError(f"{v!r} is not a score; use e.g. macro_f1, accuracy, weighted_f1 (ner: f1)")
+        # Promotion needs higher = better; these are errors and losses, where a rise is a regression.
+        if v is not None and (v in LOWER_IS_BETTER or v.endswith(("_uncalibrated", "_drop"))):
+            raise ValueError(f"{v!r} is lower-is-better, and promotion moves the champion for a higher value; use a "
+                             "score such as macro_f1, accuracy, micro_f1 (multilabel) or f1 (ner)")
         return v
 
     @model_validator(mode="after")

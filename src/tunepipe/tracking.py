@@ -108,10 +108,18 @@ def _db_problem(uri: str) -> str | None:
     return None
 
 
+HTTP_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+
+
 def setup(t: TrackingParams, root: Path | None = None) -> str:
     """Point MLflow at the tracking store and make sure the experiment exists; returns its id."""
     if masked(tracking_uri(t, root)) != tracking_uri(t, root):  # MLflow prints run links with the URI as given
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    # A server lost in the middle of a stage: MLflow's defaults (7 retries, backoff factor 2, 120 s timeouts) keep
+    # a stage waiting for minutes; these fail within about a minute. Set the variables to override them.
+    for var, value in HTTP_RETRIES.items():
+        os.environ.setdefault(var, value)
     import mlflow
 
     uri = check_reachable(t, root)
