@@ -37,6 +37,7 @@ from tunepipe.robustness import robustness, selected
 
 def main() -> None:
     datasets.disable_caching()  # cache files would land inside upstream outputs and dirty them for DVC
+    datasets.disable_progress_bars()  # robustness re-tokenizes each perturbed copy: no per-batch bars in DVC's log
     p = load_params()
     tracking.check_reachable(p.tracking)  # before evaluating, not after it
     info, task, model, tokenizer = load_trained(MODEL)  # the task comes from the model's own metadata
