@@ -1,7 +1,8 @@
 """Stage evaluate: the fine-tuned model on the test split -> metrics, a report, a confusion matrix and
 per-example predictions (the task's own), logged to the training run; calibration: a temperature fitted on the
 validation split (reports/calibration.json, which export stores with the model), ECE and Brier score on the test
-split before and after it (metrics.json) and a reliability diagram."""
+split before and after it (metrics.json) and a reliability diagram; robustness: the headline metric on seeded,
+label-preserving perturbed copies of the prepared test split (tunepipe/robustness.py), in metrics.json and a plot."""
 
 from __future__ import annotations
 
@@ -9,23 +10,38 @@ import time
 
 import datasets
 import mlflow
+import pandas as pd
 
 from tunepipe import tracking
 from tunepipe.calibration import calibrate, calibrator, describe_temperature
 from tunepipe.errors import run_main
-from tunepipe.files import write_json, write_text
+from tunepipe.files import write_csv, write_json, write_text
 from tunepipe.modeling import load_trained
 from tunepipe.params import load_params
-from tunepipe.paths import CALIBRATION, METRICS, MODEL, RELIABILITY_CSV, RELIABILITY_PNG, REPORTS, TOKENIZED
-from tunepipe.plots import plot_reliability
+from tunepipe.paths import (
+    CALIBRATION,
+    METRICS,
+    MODEL,
+    RELIABILITY_CSV,
+    RELIABILITY_PNG,
+    REPORTS,
+    ROBUSTNESS_CSV,
+    ROBUSTNESS_PNG,
+    TEST_SPLIT,
+    TOKENIZED,
+)
+from tunepipe.plots import plot_reliability, plot_robustness
 from tunepipe.progress import say
+from tunepipe.robustness import robustness, selected
 
 
 def main() -> None:
     datasets.disable_caching()  # cache files would land inside upstream outputs and dirty them for DVC
+    datasets.disable_progress_bars()  # robustness re-tokenizes each perturbed copy: no per-batch bars in DVC's log
     p = load_params()
     tracking.check_reachable(p.tracking)  # before evaluating, not after it
     info, task, model, tokenizer = load_trained(MODEL)  # the task comes from the model's own metadata
+    selected(p.robustness, task)  # a perturbation the task cannot run fails now, not after the clean scoring
     splits = datasets.load_from_disk(str(TOKENIZED))
     test = splits["test"]
     result = task.evaluate(model, tokenizer, test, info["labels"], REPORTS, info=info)
@@ -36,7 +52,12 @@ def main() -> None:
         test=result.calibration or task.calibration_data(model, tokenizer, test, info))
     write_reliability(rows, record["temperature"])
     write_json(CALIBRATION, record)
-    metrics = {**result.metrics, **scores, "test_data_hash": info["test_data_hash"]}
+    m = task.headline_metric
+    robust, robust_rows = robustness(task, p.robustness, model, tokenizer, pd.read_parquet(TEST_SPLIT), info,
+                                     result.metrics[m])
+    write_csv(ROBUSTNESS_CSV, robust_rows, ["perturbation", "metric", "drop"])
+    plot_robustness(robust_rows, m, ROBUSTNESS_PNG)
+    metrics = {**result.metrics, **scores, **robust, "test_data_hash": info["test_data_hash"]}
     write_json(METRICS, metrics)
 
     tracking.setup(p.tracking)
@@ -44,10 +65,11 @@ def main() -> None:
     now = int(time.time() * 1000)
     flat = {f"test_{k}": v for k, v in metrics.items() if isinstance(v, int | float)}
     flat.update({f"test_f1_{label}": f1 for label, f1 in result.per_label_f1.items()})
+    flat.update({f"test_robust_{name}_{m}": row[m] for name, row in robust.get("robustness", {}).items()})
     if isinstance(record["temperature"], float):
         flat["calibration_temperature"] = record["temperature"]
     client.log_batch(info["run_id"], metrics=[mlflow.entities.Metric(k, float(v), now, 0) for k, v in flat.items()])
-    for path in [METRICS, CALIBRATION, RELIABILITY_PNG, *result.artifacts]:
+    for path in [METRICS, CALIBRATION, RELIABILITY_PNG, ROBUSTNESS_PNG, *result.artifacts]:
         client.log_artifact(info["run_id"], str(path), "evaluation")
     say(f"evaluate: test {task.headline_metric} {metrics[task.headline_metric]:.4f}, accuracy "
         f"{metrics.get('accuracy', 0):.4f}, n_test {metrics['n_test']} (per-class report: "
@@ -56,6 +78,14 @@ def main() -> None:
         "(fitted on validation), "
         f"test ECE {scores['ece_uncalibrated']:.4f} -> {scores['ece']:.4f}, Brier {scores['brier_uncalibrated']:.4f} "
         f"-> {scores['brier']:.4f} (reliability diagram: {RELIABILITY_PNG})")
+    if robust:
+        worst = max(robust["robustness"], key=lambda name: robust["robustness"][name]["drop"])
+        say(f"evaluate: robustness: robust_{m} {robust[f'robust_{m}']:.4f} over {len(robust['robustness'])} "
+            f"perturbations (drop {robust['robust_drop']:+.4f} from clean); worst: {worst} "
+            f"{robust['robustness'][worst][m]:.4f} (drop {robust['robustness'][worst]['drop']:+.4f}; plot: "
+            f"{ROBUSTNESS_PNG})")
+    else:
+        say("evaluate: robustness report off (robustness.perturbations: [])")
 
 
 def write_reliability(rows: list[dict], temperature) -> None:

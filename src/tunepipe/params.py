@@ -117,6 +117,28 @@ class CalibrationParams(_Section):
     method: Literal["temperature", "none"] = "temperature"
 
 
+# tunepipe/robustness.py implements these (context_noise: tasks with a label per word, NER, which adds it itself).
+PERTURBATIONS = ("char_noise", "word_dropout", "lower", "upper", "context_noise")
+
+
+class RobustnessParams(_Section):
+    # evaluate scores the model on a perturbed copy of the test split per entry; [] = no robustness report.
+    perturbations: list[str] = ["char_noise", "word_dropout", "lower", "upper"]
+    char_rate: float = Field(default=0.1, ge=0, le=1)  # char_noise: share of words given one typo
+    word_rate: float = Field(default=0.1, ge=0, lt=1)  # word_dropout: share of words dropped
+    seed: int = 0
+
+    @field_validator("perturbations")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if name not in PERTURBATIONS:
+                raise ValueError(f"unknown perturbation {name!r} (valid: {', '.join(PERTURBATIONS)})")
+        if len(set(v)) != len(v):
+            raise ValueError(f"lists a perturbation twice: {v}")
+        return v
+
+
 class ExportParams(_Section):
     opset: int = Field(default=17, ge=11, le=23)
     parity_tolerance: float = Field(default=1e-3, gt=0)
@@ -177,6 +199,9 @@ class PromoteParams(_Section):
     significance: float | None = Field(default=None, gt=0, lt=1)
     test: Literal["bootstrap", "mcnemar"] = "bootstrap"
     bootstrap_samples: int = Field(default=1000, ge=100)
+    # Refuse a candidate whose recorded robust_drop (clean headline - mean over robustness perturbations) exceeds
+    # this; None = no guard.
+    max_robust_drop: float | None = Field(default=None, ge=0)
 
     @field_validator("metric")
     @classmethod
@@ -207,6 +232,7 @@ class Params(_Section):
     finetune: FinetuneParams = FinetuneParams()
     multilabel: MultilabelParams = MultilabelParams()
     calibration: CalibrationParams = CalibrationParams()
+    robustness: RobustnessParams = RobustnessParams()
     export: ExportParams = ExportParams()
     tracking: TrackingParams = TrackingParams()
     sweep: SweepParams = SweepParams()

@@ -31,6 +31,8 @@ METRICS = REPORTS / "metrics.json"
 CALIBRATION = REPORTS / "calibration.json"  # evaluate: the fitted temperature, which export stores with the model
 RELIABILITY_CSV = PLOTS / "reliability.csv"
 RELIABILITY_PNG = PLOTS / "reliability.png"
+ROBUSTNESS_CSV = PLOTS / "robustness.csv"  # evaluate: the headline metric per perturbation of the test split
+ROBUSTNESS_PNG = PLOTS / "robustness.png"
 EXPORT_REPORT = REPORTS / "export.json"
 SWEEP_REPORTS = REPORTS / "sweep"
 

@@ -60,6 +60,28 @@ def plot_reliability(rows: list[dict], temperature, path: Path) -> None:
     _save(fig, path)
 
 
+def plot_robustness(rows: list[dict], metric: str, path: Path) -> None:
+    """Test `metric` on the clean split and on each perturbed copy (rows: perturbation, metric, drop), one bar
+    each, labelled with the value and its drop from clean. No rows: a note that the report is off."""
+    fig, ax = plt.subplots(figsize=(6.5, 0.5 * len(rows) + 1.8))
+    if not rows:
+        ax.text(0.5, 0.5, "robustness report off (robustness.perturbations: [])", ha="center", va="center")
+        ax.set_axis_off()
+    else:
+        names = [r["perturbation"] for r in rows]
+        bars = ax.barh(names, [r["metric"] for r in rows],
+                       color=["tab:blue" if n == "clean" else "tab:orange" for n in names])
+        for bar, r in zip(bars, rows, strict=True):
+            drop = "" if r["perturbation"] == "clean" else f" ({-r['drop']:+.4f})"
+            ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {r['metric']:.4f}{drop}", va="center")
+        ax.invert_yaxis()  # clean on top
+        ax.set_xlim(0, 1.25)
+        ax.set_xlabel(f"test {metric}")
+    ax.set_title(f"robustness: test {metric} under perturbation")
+    fig.tight_layout()
+    _save(fig, path)
+
+
 def _save(fig, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")

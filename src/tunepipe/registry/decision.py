@@ -51,9 +51,30 @@ class Outcome:
         return self.candidate_value - self.champion_value
 
 
+ROBUST_DROP = "robust_drop"  # the metrics.json key (and metric.<key> tag) promote.max_robust_drop reads
+
+
 def decide(s: PromoteParams, candidate: float, champion: float | None, same_data: bool,
-           p_value: float | None) -> tuple[bool, str]:
-    """The promotion rule on plain numbers: (promote?, one-line reason)."""
+           p_value: float | None, robust_drop: float | None = None) -> tuple[bool, str]:
+    """The promotion rule on plain numbers: (promote?, one-line reason). `robust_drop`: the candidate's recorded
+    clean-minus-perturbed headline metric, which promote.max_robust_drop caps (None = not recorded)."""
+    ok, reason = _clean_rule(s, candidate, champion, same_data, p_value)
+    if not ok or s.max_robust_drop is None:
+        return ok, reason
+    limit = s.max_robust_drop
+    if robust_drop is None:
+        # Refused, not waved through: a guard that cannot be checked would let a fragile model pass unseen.
+        return False, (f"{reason}, but the candidate has no {ROBUST_DROP} figure (registered before the robustness "
+                       f"report, or with robustness.perturbations: []), so promote.max_robust_drop {limit:g} cannot "
+                       "be checked; register it again with `dvc repro` or set promote.max_robust_drop: null")
+    if robust_drop > limit + 1e-12:
+        return False, (f"{reason}, but {ROBUST_DROP} {robust_drop:.4f} (the test headline metric lost under "
+                       f"perturbation) exceeds promote.max_robust_drop {limit:g}")
+    return True, f"{reason}; {ROBUST_DROP} {robust_drop:.4f} <= promote.max_robust_drop {limit:g}"
+
+
+def _clean_rule(s: PromoteParams, candidate: float, champion: float | None, same_data: bool,
+                p_value: float | None) -> tuple[bool, str]:
     m = s.metric
     if candidate < s.min_metric:
         return False, f"{m} {candidate:.4f} is below promote.min_metric {s.min_metric:g}"

@@ -9,7 +9,7 @@ from pathlib import Path
 from tunepipe.errors import UserError
 from tunepipe.params import PromoteParams
 from tunepipe.paths import TEST_SPLIT
-from tunepipe.registry.decision import Outcome, decide
+from tunepipe.registry.decision import ROBUST_DROP, Outcome, decide
 from tunepipe.registry.evidence import evidence
 from tunepipe.registry.locks import LOCK_TIMEOUT_S, promote_lock
 from tunepipe.registry.store import (
@@ -64,7 +64,8 @@ def promote(client, name: str, s: PromoteParams, version: int | None = None, ree
                            cand.tags.get("test_data_hash"), False, False, "is already the champion",
                            already_champion=True)
         ev = evidence(client, name, s, cand, champ, reevaluate, test_path)
-        ok, reason = decide(s, ev["candidate"], ev["champion"], ev["same_data"], ev["p_value"])
+        ok, reason = decide(s, ev["candidate"], ev["champion"], ev["same_data"], ev["p_value"],
+                            cand.metric(ROBUST_DROP))  # as recorded at registration, also with --reevaluate
         outcome = Outcome(name, cand, champ, s.metric, ev["candidate"], ev["champion"], ev["p_value"],
                           s.test if ev["p_value"] is not None else None, ev["test_data_hash"], ev["reevaluated"],
                           ok, reason)

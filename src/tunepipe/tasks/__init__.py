@@ -56,6 +56,7 @@ class Task:
       loss(weights), label_ids(train)          finetune: the loss with finetune.class_weights (methods below)
       evaluate.evaluate(model, tok, test, labels, reports_dir)   evaluate: metrics and reports (an Evaluation)
       evaluate.calibration_data(model, tok, ds)   evaluate: (logits, gold) of a split for calibration
+      evaluate.robust_score(model, tok, test, perturb, info)   evaluate: headline metric on a perturbed test copy
       metrics.paired_p_value(s, new, old)      promote: paired test on two versions' predictions.csv
       metrics.rescore(s, test, models)         promote --reevaluate (optional)
     The folder's __init__.py defines TASK, a subclass instance with the attributes and the few small methods
@@ -72,6 +73,9 @@ class Task:
     # tokenize.long_text values the task implements; "window" needs encode to add a text_id column (one row per
     # window) and validation_metrics/evaluate/serving to aggregate the windows back to one prediction per text.
     long_text_modes: tuple[str, ...] = ("truncate",)
+    # Robustness perturbations the task adds to robustness.perturbations (tunepipe/robustness.py), e.g. NER's
+    # context_noise, which needs a label per word.
+    extra_perturbations: tuple[str, ...] = ()
 
     def part(self, module: str):
         """One of the task folder's modules, imported on first use (choosing a task loads nothing heavy)."""
@@ -111,6 +115,12 @@ class Task:
         (n, n_labels) logits and n label ids; sigmoid (n, n_labels) logits and 0/1 rows. info: the model's own
         metadata (training_info.json)."""
         return self.part("evaluate").calibration_data(model, tokenizer, ds, info)
+
+    def robust_score(self, model, tokenizer, test: pd.DataFrame, perturb, info: dict) -> float:
+        """The headline metric on a perturbed copy of the prepared test split (data/prepared/test.parquet as a
+        DataFrame): `perturb` (tunepipe/robustness.py) applied to each example's words, re-encoded the way the
+        model was trained (info: training_info.json) and scored like the clean test split."""
+        return self.part("evaluate").robust_score(model, tokenizer, test, perturb, info)
 
     def paired_p_value(self, s: PromoteParams, new: pd.DataFrame, old: pd.DataFrame) -> float:
         return self.part("metrics").paired_p_value(s, new, old)

@@ -7,11 +7,14 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import pandas as pd
 from sklearn.metrics import classification_report, confusion_matrix
 
 from tunepipe.files import write_csv, write_text
 from tunepipe.plots import plot_confusion
+from tunepipe.robustness import Perturb, perturb_text
 from tunepipe.tasks import Evaluation
+from tunepipe.tasks.classification.encode import tokenize_split
 from tunepipe.tasks.classification.metrics import aggregate_windows, classification_summary
 from tunepipe.training import TrainerProgress
 
@@ -36,27 +39,40 @@ def predict_logits(model, tokenizer, ds: datasets.Dataset, batch_size: int = 64)
     return restored
 
 
-def calibration_data(model, tokenizer, ds: datasets.Dataset, info: dict | None = None
-                     ) -> tuple[np.ndarray, np.ndarray]:
-    """One prediction per text: its logits (a split of windows: aggregated as evaluate and serving do) and its
-    gold label id."""
+def text_logits(model, tokenizer, ds: datasets.Dataset, aggregation: str = "mean") -> tuple[np.ndarray, np.ndarray]:
+    """One prediction per text of a tokenized split: its logits (a split of windows, tokenize.long_text: window
+    with a text_id column: its windows' logits aggregated by `aggregation`, mean | max, as served) and its gold
+    label id."""
     logits, gold = predict_logits(model, tokenizer, ds), np.asarray(ds["labels"])
     if "text_id" in ds.column_names:
-        logits, first = aggregate_windows(logits, ds["text_id"], (info or {}).get("window_aggregation", "mean"))
+        logits, first = aggregate_windows(logits, ds["text_id"], aggregation)
         gold = gold[first]
     return logits, gold
 
 
+def calibration_data(model, tokenizer, ds: datasets.Dataset, info: dict | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """One prediction per text: its logits and its gold label id."""
+    return text_logits(model, tokenizer, ds, (info or {}).get("window_aggregation", "mean"))
+
+
+def robust_score(model, tokenizer, test: pd.DataFrame, perturb: Perturb, info: dict) -> float:
+    """Macro-F1 on the prepared test split with every text perturbed, tokenized as the model was trained
+    (max_length; windows where it was trained with them) and scored per text like evaluate."""
+    texts = [perturb_text(t, perturb) for t in test["text"]]
+    ds = datasets.Dataset.from_dict({"text": texts, "label": list(test["label"])})
+    label2id = {lab: i for i, lab in enumerate(info["labels"])}
+    stride = info.get("stride") if info.get("long_text") == "window" else None
+    ds = tokenize_split(ds, tokenizer, info["max_length"], label2id, stride=stride).remove_columns("n_tokens")
+    logits, gold = text_logits(model, tokenizer, ds, info.get("window_aggregation", "mean"))
+    return classification_summary(gold, logits.argmax(-1), info["labels"])["macro_f1"]
+
+
 def evaluate(model, tokenizer, test: datasets.Dataset, labels: list[str], reports: Path,
              aggregation: str = "mean") -> Evaluation:
-    """Per test text: a split of windows (tokenize.long_text: window; a text_id column) is scored per text, its
-    windows' logits aggregated by `aggregation` (mean | max), as served."""
+    """Per test text (a text's windows aggregated by `aggregation`, see text_logits)."""
     plots = reports / "plots"
-    logits = predict_logits(model, tokenizer, test)
-    y_true = np.asarray(test["labels"])
-    if "text_id" in test.column_names:
-        logits, first = aggregate_windows(logits, test["text_id"], aggregation)
-        y_true = y_true[first]
+    logits, y_true = text_logits(model, tokenizer, test, aggregation)
     y_pred = logits.argmax(-1)
     metrics = classification_summary(y_true, y_pred, labels)
     ids = list(range(len(labels)))

@@ -17,8 +17,10 @@ from sklearn.metrics import classification_report
 from tunepipe.files import read_json, write_text
 from tunepipe.paths import TRAINING_INFO
 from tunepipe.plots import plot_confusion
+from tunepipe.robustness import Perturb, perturb_text
 from tunepipe.tasks import Evaluation
 from tunepipe.tasks.classification.evaluate import predict_logits
+from tunepipe.tasks.multilabel.encode import tokenize_split
 from tunepipe.tasks.multilabel.metrics import multilabel_summary, sigmoid
 
 NONE = "(none)"
@@ -48,13 +50,29 @@ def calibration_data(model, tokenizer, ds: datasets.Dataset, info: dict | None =
     return predict_logits(model, tokenizer, ds), (np.asarray(ds["labels"]) >= 0.5).astype(np.float64)
 
 
+def decided(model, tokenizer, ds: datasets.Dataset, th: np.ndarray
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A tokenized split's (logits, probabilities, gold 0/1 rows, predicted 0/1 rows at the thresholds `th`)."""
+    logits = predict_logits(model, tokenizer, ds)
+    probs = sigmoid(logits)
+    return logits, probs, np.asarray(ds["labels"]) >= 0.5, probs >= th[None, :]
+
+
+def robust_score(model, tokenizer, test: pd.DataFrame, perturb: Perturb, info: dict) -> float:
+    """Micro-F1 on the prepared test split with every text perturbed, tokenized and decided like evaluate."""
+    labels = info["labels"]
+    ds = datasets.Dataset.from_dict({"text": [perturb_text(t, perturb) for t in test["text"]],
+                                     "labels": [list(ls) for ls in test["labels"]]})
+    ds = tokenize_split(ds, tokenizer, info["max_length"], {lab: i for i, lab in enumerate(labels)})
+    _, _, y, pred = decided(model, tokenizer, ds.remove_columns("n_tokens"), stored_thresholds(model, labels))
+    return multilabel_summary(y, pred, labels)["micro_f1"]
+
+
 def evaluate(model, tokenizer, test: datasets.Dataset, labels: list[str], reports: Path,
              thresholds: np.ndarray | None = None) -> Evaluation:
     plots = reports / "plots"
-    logits = predict_logits(model, tokenizer, test)
-    probs = sigmoid(logits)
     th = stored_thresholds(model, labels) if thresholds is None else np.asarray(thresholds)
-    y, pred = np.asarray(test["labels"]) >= 0.5, probs >= th[None, :]
+    logits, probs, y, pred = decided(model, tokenizer, test, th)
     metrics = {**multilabel_summary(y, pred, labels), "thresholds": dict(zip(labels, th.tolist(), strict=True))}
     write_text(reports / "classification_report.txt", classification_report(
         y, pred, target_names=labels, digits=4, zero_division=0))

@@ -11,6 +11,7 @@ class Ner(Task):
     headline_metric = "f1"
     auto_model = "AutoModelForTokenClassification"
     peft_task_type = "TOKEN_CLS"
+    extra_perturbations = ("context_noise",)  # noise around the entities, which stay as they are
 
     def collator(self, tokenizer):
         from transformers import DataCollatorForTokenClassification

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import pandas as pd
 import torch
 from seqeval.scheme import Entities
 
@@ -19,8 +20,9 @@ from tunepipe.files import write_csv, write_text
 from tunepipe.modeling import MODEL_INPUTS
 from tunepipe.plots import plot_confusion
 from tunepipe.progress import Progress
+from tunepipe.robustness import Perturb
 from tunepipe.tasks import Evaluation
-from tunepipe.tasks.ner.encode import IGNORED
+from tunepipe.tasks.ner.encode import IGNORED, tokenize_words, word_features
 from tunepipe.tasks.ner.metrics import entity_scores, per_type, text_report
 from tunepipe.tasks.ner.scheme import seqeval_scheme
 
@@ -120,9 +122,29 @@ def predictions_csv(tokens: list[list[str]], y_true: list[list[str]], y_pred: li
     return buf.getvalue()
 
 
+def gold_words(ds: datasets.Dataset) -> list[list[str]]:
+    names = ds.features["tags"].feature.names
+    return [[names[i] for i in row] for row in ds["tags"]]
+
+
+def robust_score(model, tokenizer, test: pd.DataFrame, perturb: Perturb, info: dict) -> float:
+    """Entity F1 on the prepared test split with every sentence perturbed: each surviving word keeps its tag
+    (perturbations keep a word one word and never drop an entity word), re-tokenized at the model's max_length
+    and scored word by word like evaluate."""
+    tokens, tags = [], []
+    for words, word_tags in zip(test["tokens"], test["tags"], strict=True):
+        kept = perturb(list(words), [t != "O" for t in word_tags])
+        tokens.append([w for _, w in kept])
+        tags.append([word_tags[i] for i, _ in kept])
+    labels = info["labels"]
+    words = datasets.Dataset.from_dict({"tokens": tokens, "tags": tags}, features=word_features(labels))
+    # Labels on later sub-tokens do not change the word-level predictions scored here.
+    ds = tokenize_words(words, tokenizer, info["max_length"], label_all=False)
+    return entity_scores(gold_words(ds), predict_words(model, tokenizer, ds, labels), labels)["f1"]
+
+
 def evaluate(model, tokenizer, test: datasets.Dataset, labels: list[str], reports: Path) -> Evaluation:
-    names = test.features["tags"].feature.names
-    y_true = [[names[i] for i in row] for row in test["tags"]]
+    y_true = gold_words(test)
     token_level: list[tuple[np.ndarray, np.ndarray]] = []
     y_pred = predict_words(model, tokenizer, test, labels, calibration=token_level)
     tokens = [list(t) for t in test["tokens"]]
