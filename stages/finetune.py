@@ -70,6 +70,7 @@ def main() -> None:
         "cpu_bf16_matmul_speedup": bf16_speedup,
         # finetune.class_weights as applied: {label: loss weight}, None = unweighted
         "class_weights": dict(zip(labels, (round(w, 6) for w in weights), strict=True)) if weights else None,
+        "adversarial": adversarial_info(p),
     }
     extra = get_task(p.task).trained_metadata(trainer, dsd, labels, p)  # e.g. thresholds tuned on validation
     model = merge_for_export(trainer.model)
@@ -101,6 +102,15 @@ def main() -> None:
     rate = f", {summary['train_tokens_per_s']:,.0f} real tokens/s" if summary["train_tokens_per_s"] else ""
     say(f"finetune: best validation {metric} {best:.4f} at step {summary['best_step']}/{summary['global_step']}, "
         f"trained in {duration(summary['train_runtime_s'])}{rate}")
+
+
+def adversarial_info(p) -> dict | None:
+    """finetune.adversarial as trained: None, or the method with the settings it uses."""
+    ft = p.finetune
+    if ft.adversarial == "none":
+        return None
+    return {"method": ft.adversarial, "epsilon": ft.adversarial_epsilon,
+            **({"steps": ft.adversarial_steps, "alpha": ft.adversarial_alpha} if ft.adversarial == "pgd" else {})}
 
 
 def long_text_info(p) -> dict:

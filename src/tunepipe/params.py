@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from tunepipe.errors import UserError
 from tunepipe.paths import PARAMS_FILE
@@ -84,6 +84,12 @@ class FinetuneParams(_Section):
     seed: int = 42
     # Loss weight per class: none, balanced (n / (k * count), from the train split) or {label: weight}.
     class_weights: Literal["none", "balanced"] | dict[str, float] = "none"
+    # Adversarial training on the word embeddings: fgm (one step of size epsilon) | pgd (steps of size alpha,
+    # projected onto the epsilon ball); the loss of the perturbed input is added to the clean one.
+    adversarial: Literal["none", "fgm", "pgd"] = "none"
+    adversarial_epsilon: float = Field(default=1.0, gt=0, lt=math.inf)
+    adversarial_steps: int = Field(default=3, ge=1, le=100)  # pgd: forward-backward passes on top of the clean one
+    adversarial_alpha: float = Field(default=0.3, gt=0, lt=math.inf)  # pgd: step size (<= adversarial_epsilon)
 
     @field_validator("class_weights", mode="before")
     @classmethod
@@ -97,6 +103,15 @@ class FinetuneParams(_Section):
             return {str(label): float(w) for label, w in v.items()}
         if v not in ("none", "balanced"):
             raise ValueError(f"expected none, balanced or a mapping {{label: weight}}, got {v!r}")
+        return v
+
+    @field_validator("adversarial_alpha")
+    @classmethod
+    def _pgd_step_within_ball(cls, v: float, info: ValidationInfo) -> float:
+        eps = info.data.get("adversarial_epsilon")  # absent when itself invalid (that error is reported)
+        if info.data.get("adversarial") == "pgd" and eps is not None and v > eps:
+            raise ValueError(f"{v:g} is larger than finetune.adversarial_epsilon {eps:g}: a pgd step must fit in "
+                             "the epsilon ball; lower it")
         return v
 
 
@@ -163,6 +178,24 @@ class SweepParams(_Section):
     learning_rate: tuple[float, float] = (1e-5, 1e-4)
     batch_size: tuple[int, ...] = (16, 32)
     dropout: tuple[float, float] = (0.0, 0.3)
+    # Optional dimensions: None = not searched (trials use finetune's value).
+    adversarial: tuple[Literal["none", "fgm", "pgd"], ...] | None = None  # choices, e.g. (none, fgm)
+    adversarial_epsilon: tuple[float, float] | None = None  # log-uniform [low, high]
+
+    @field_validator("adversarial")
+    @classmethod
+    def _adversarial_choices(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if v is not None and (not v or len(set(v)) != len(v)):
+            raise ValueError(f"choices must be null or a non-empty list of distinct methods (none, fgm, pgd), "
+                             f"got {list(v)}")
+        return v
+
+    @field_validator("adversarial_epsilon")
+    @classmethod
+    def _epsilon_range(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and not 0 < v[0] < v[1] < math.inf:
+            raise ValueError(f"range must be null or [low, high] with 0 < low < high, got {list(v)}")
+        return v
 
     @field_validator("learning_rate")
     @classmethod

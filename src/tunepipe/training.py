@@ -117,6 +117,7 @@ def build_trainer(p: Params, dsd: datasets.DatasetDict, labels: list[str], outpu
         compute_loss_func=task.loss(weights) if weights else None,  # None: the model's own (unweighted) loss
         callbacks=[EarlyStoppingCallback(early_stopping_patience=p.finetune.early_stopping_patience),
                    TrainerProgress(task.headline_metric), *callbacks],
+        adversarial=EmbeddingAttack.from_params(p.finetune),
     )
     trainer.remove_callback(PrinterCallback)  # it prints every log as a Python dict
     return trainer
@@ -136,10 +137,95 @@ class EpochSeededSampler(LengthGroupedSampler):
         self.generator.manual_seed(self.seed + epoch)
 
 
+def perturbation_step(delta: torch.Tensor, grad: torch.Tensor | None, alpha: float, epsilon: float) -> torch.Tensor:
+    """delta + alpha * grad / ||grad||, projected onto the L2 ball of radius epsilon (norms over the whole batch,
+    as the FGM/PGD implementations take them over the embedding matrix). A gradient that is zero or not finite
+    (an fp16 overflow step, which the grad scaler skips anyway) leaves delta where it is."""
+    if grad is None:
+        return delta.detach()
+    norm = grad.float().norm()
+    if not torch.isfinite(norm) or norm == 0:
+        return delta.detach()
+    moved = delta.detach().float() + alpha * grad.float() / norm
+    size = moved.norm()
+    if size > epsilon:
+        moved = moved * (epsilon / size)
+    return moved.to(delta.dtype)
+
+
+class EmbeddingAttack:
+    """FGM / PGD (finetune.adversarial) on the word embeddings, as a forward hook that adds a perturbation to the
+    OUTPUT of the word-embedding module (model.get_input_embeddings()) rather than to its weight.
+
+    Why the output: one code path with and without LoRA (whose frozen embedding weight gets no gradient); the
+    weight is never modified, so nothing needs restoring and neither weight decay nor the optimizer can see a
+    perturbed weight; and a PGD inner step takes the gradient w.r.t. the perturbation alone (autograd.grad), so the
+    parameters' clean gradients need no backup either. It differs from perturbing the weight's rows only in that
+    a token occurring twice in a batch gets a perturbation at each position. Padding positions get none: the loss
+    does not depend on them, so their gradient is zero.
+    """
+
+    def __init__(self, method: str, epsilon: float, steps: int = 1, alpha: float | None = None):
+        self.method, self.epsilon = method, epsilon
+        self.steps = steps if method == "pgd" else 1
+        self.alpha = alpha if method == "pgd" else epsilon  # FGM: one step of size epsilon
+        self.delta: torch.Tensor | None = None  # the perturbation the hook adds; None: the hook makes a zero one
+
+    @classmethod
+    def from_params(cls, ft) -> EmbeddingAttack | None:
+        if ft.adversarial == "none":
+            return None
+        return cls(ft.adversarial, ft.adversarial_epsilon, ft.adversarial_steps, ft.adversarial_alpha)
+
+    def hook(self, module, args, output: torch.Tensor) -> torch.Tensor:
+        if self.delta is None:  # the clean pass: a zero perturbation, whose .grad is d loss / d embeddings
+            self.delta = torch.zeros_like(output, requires_grad=True)
+        return output + self.delta
+
+
 class _Trainer(Trainer):
-    """Trainer with reproducible training batches (EpochSeededSampler) and, for a split of windows (a text_id
-    column, tokenize.long_text: window), validation in split order: Trainer would group validation batches by
-    length like training ones, and compute_metrics finds each window's text by its position."""
+    """Trainer with reproducible training batches (EpochSeededSampler), adversarial training (finetune.adversarial,
+    in training_step) and, for a split of windows (a text_id column, tokenize.long_text: window), validation in
+    split order: Trainer would group validation batches by length like training ones, and compute_metrics finds
+    each window's text by its position."""
+
+    def __init__(self, *args, adversarial: EmbeddingAttack | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.adversarial = adversarial
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """Adversarial: the clean pass (Trainer's own step, backward included) records the gradient w.r.t. the
+        embeddings; PGD takes steps-1 inner steps on the perturbation alone; the last perturbed input's loss goes
+        through Trainer's step too (same loss function, class weights, autocast, scaling and backward), its
+        gradients adding to the clean ones. The clean loss is what is returned and logged."""
+        attack = self.adversarial
+        if attack is None:
+            return super().training_step(model, inputs, num_items_in_batch)
+        embeddings = self.accelerator.unwrap_model(model).get_input_embeddings()
+        handle = embeddings.register_forward_hook(attack.hook)
+        try:
+            attack.delta = None
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            delta, grad = attack.delta, attack.delta.grad
+            for _ in range(attack.steps - 1):  # PGD's inner steps
+                attack.delta = perturbation_step(delta, grad, attack.alpha, attack.epsilon).requires_grad_()
+                delta = attack.delta
+                grad = self._perturbation_grad(model, inputs, num_items_in_batch, delta)
+            attack.delta = perturbation_step(delta, grad, attack.alpha, attack.epsilon)
+            super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            handle.remove()
+            attack.delta = None
+        return loss
+
+    def _perturbation_grad(self, model, inputs, num_items_in_batch, delta: torch.Tensor) -> torch.Tensor:
+        """d loss / d delta, leaving the parameters' gradients as they are."""
+        inputs = self._prepare_inputs(inputs)
+        with self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+        scaler = getattr(self.accelerator, "scaler", None)  # fp16: scaled as the backward is, against underflow
+        (grad,) = torch.autograd.grad(loss.mean() * (scaler.get_scale() if scaler is not None else 1.0), delta)
+        return grad
 
     def _get_train_sampler(self, train_dataset=None):
         sampler = super()._get_train_sampler(train_dataset)

@@ -1,4 +1,5 @@
-"""Apply: write a study's best learning rate, batch size and dropout into params.yaml, comments kept."""
+"""Apply: write a study's best values (learning rate, batch size, dropout and any optional dimension searched) into
+params.yaml, comments kept."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from optuna.trial import TrialState
 from tunepipe.errors import UserError
 from tunepipe.files import write_text
 from tunepipe.params import parse_params
-from tunepipe.sweep.study import TUNED
+from tunepipe.sweep.study import OPTIONAL, TUNED
 
 # ---- apply ----
 
@@ -39,7 +40,8 @@ def _round_trip_yaml():
 
 
 def apply_best(params_file: str | Path, values: dict) -> list[str]:
-    """Write finetune.learning_rate/batch_size/dropout into params.yaml; comments, order and the rest kept."""
+    """Write the trial's values (finetune.learning_rate/batch_size/dropout, adversarial/adversarial_epsilon when
+    searched) into params.yaml; comments, order and the rest kept."""
     from ruamel.yaml.comments import CommentedMap
 
     path = Path(params_file)
@@ -51,9 +53,9 @@ def apply_best(params_file: str | Path, values: dict) -> list[str]:
     if doc.get("finetune") is None:
         doc["finetune"] = CommentedMap()
     ft, changes = doc["finetune"], []
-    for key in TUNED:
-        old = ft.get(key)
-        value = int(values[key]) if key == "batch_size" else float(values[key])
+    for key in (k for k in (*TUNED, *OPTIONAL) if k in values):
+        kind = {"batch_size": int, "adversarial": str}.get(key, float)
+        old, value = ft.get(key), kind(values[key])
         if old != value:
             ft[key] = value
             changes.append(f"finetune.{key}: {old if old is None else type(value)(old)!r} -> {value!r}")

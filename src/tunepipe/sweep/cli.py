@@ -28,6 +28,8 @@ from tunepipe.sweep.runner import (
     run_trials,
 )
 from tunepipe.sweep.study import (
+    OPTIONAL,
+    check_search_space,
     default_storage,
     make_pruner,
     open_storage,
@@ -40,7 +42,7 @@ from tunepipe.sweep.study import (
 # ---- command ----
 
 def add_parser(sub) -> None:
-    sp = sub.add_parser("sweep", help="tune learning rate, batch size and dropout with Optuna",
+    sp = sub.add_parser("sweep", help="tune learning rate, batch size, dropout (and adversarial training) with Optuna",
                         description="Run (or resume, or join) the Optuna study set in params.yaml's sweep "
                                     "section; `tunepipe sweep apply` writes the study's best values into "
                                     "params.yaml without running trials.")
@@ -97,6 +99,7 @@ def sweep(p: Params, sw: SweepParams, url: str, params_file: str | Path = PARAMS
     dsd, meta = datasets.load_from_disk(str(AUGMENTED)), read_json(PREPARED_META)
     labels = meta["labels"]
     check_evaluated(p, sw, len(dsd["train"]))
+    check_search_space(p, sw)
     metric = get_task(p.task).headline_metric
     tracking.check_reachable(p.tracking)
     storage = open_storage(url, sw.heartbeat_interval)
@@ -116,7 +119,8 @@ def sweep(p: Params, sw: SweepParams, url: str, params_file: str | Path = PARAMS
     client.log_batch(parent, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in {
         "study": sw.study, "storage": masked(url), "trials": sw.trials, "timeout": sw.timeout, "sampler": sw.sampler,
         "sampler_seed": seed, "pruner": sw.pruner, "learning_rate": list(sw.learning_rate),
-        "batch_size": list(sw.batch_size), "dropout": list(sw.dropout), "metric": metric}.items()])
+        "batch_size": list(sw.batch_size), "dropout": list(sw.dropout), "metric": metric,
+        **{k: list(getattr(sw, k)) for k in OPTIONAL if getattr(sw, k) is not None}}.items()])
     print(f"sweep: study '{sw.study}' {'created' if created else 'resumed'} in {masked(url)}: "
           f"{before['complete'] + before['pruned']}/{sw.trials} trials finished; sampler {sw.sampler} "
           f"(seed {seed}), pruner {sw.pruner}; MLflow run {parent}", flush=True)

@@ -13,7 +13,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from tunepipe.files import write_json, write_text
 from tunepipe.paths import SWEEP_REPORTS
-from tunepipe.sweep.study import ERROR_ATTR, FINISHED, TUNED, trial_counts
+from tunepipe.sweep.study import ERROR_ATTR, FINISHED, OPTIONAL, TUNED, trial_counts
 
 # ---- reports ----
 
@@ -36,8 +36,8 @@ def write_reports(study: optuna.Study, summary: dict, out_dir: Path = SWEEP_REPO
     if best:
         header = (f"# Best trial {best.number} of study '{study.study_name}': validation {summary['metric']} "
                   f"{best.value:.4f}.\n# `tunepipe sweep apply` writes these into params.yaml.\n")
-        write_text(best_file, header + pyyaml.safe_dump({"finetune": {k: best.params[k] for k in TUNED}},
-                                                        sort_keys=False))
+        values = {k: best.params[k] for k in (*TUNED, *OPTIONAL) if k in best.params}
+        write_text(best_file, header + pyyaml.safe_dump({"finetune": values}, sort_keys=False))
     else:
         best_file.unlink(missing_ok=True)
     summary["param_importances"] = None

@@ -15,7 +15,8 @@ from tunepipe.errors import UserError, masked
 from tunepipe.params import Params, SweepParams
 from tunepipe.paths import OPTUNA_DB
 
-TUNED = ("learning_rate", "batch_size", "dropout")
+TUNED = ("learning_rate", "batch_size", "dropout")  # always searched
+OPTIONAL = ("adversarial", "adversarial_epsilon")  # searched when their sweep key is set (not null)
 SPACE_ATTR = "tunepipe.search_space"
 SETUP_ATTR = "tunepipe.trial_setup"
 SURPLUS_ATTR = "tunepipe.surplus"
@@ -36,12 +37,39 @@ def _experimental_ok():
 
 # ---- search space and study ----
 
+def tuned(sw: SweepParams) -> tuple[str, ...]:
+    """The finetune keys this sweep searches (each named as its sweep key)."""
+    return TUNED + tuple(k for k in OPTIONAL if getattr(sw, k) is not None)
+
+
 def search_space(sw: SweepParams, metric: str) -> dict:
-    """What a study is recorded with (a study user attr) and checked against on resume."""
-    return {"learning_rate": {"low": sw.learning_rate[0], "high": sw.learning_rate[1], "log": True},
-            "batch_size": {"choices": list(sw.batch_size)},
-            "dropout": {"low": sw.dropout[0], "high": sw.dropout[1]},
-            "metric": metric}
+    """What a study is recorded with (a study user attr) and checked against on resume. An optional dimension
+    appears only when searched, so a study recorded before it existed still matches when it is not."""
+    space = {"learning_rate": {"low": sw.learning_rate[0], "high": sw.learning_rate[1], "log": True},
+             "batch_size": {"choices": list(sw.batch_size)},
+             "dropout": {"low": sw.dropout[0], "high": sw.dropout[1]},
+             "metric": metric}
+    if sw.adversarial is not None:
+        space["adversarial"] = {"choices": list(sw.adversarial)}
+    if sw.adversarial_epsilon is not None:
+        space["adversarial_epsilon"] = {"low": sw.adversarial_epsilon[0], "high": sw.adversarial_epsilon[1],
+                                        "log": True}
+    return space
+
+
+def check_search_space(p: Params, sw: SweepParams) -> None:
+    """Optional dimensions that would search nothing or give a trial invalid params, caught before any trial."""
+    methods = set(sw.adversarial) if sw.adversarial is not None else {p.finetune.adversarial}
+    if sw.adversarial_epsilon is not None and methods == {"none"}:
+        raise UserError("sweep.adversarial_epsilon: no trial trains adversarially (finetune.adversarial is none and "
+                        "sweep.adversarial does not search fgm or pgd); set sweep.adversarial, e.g. [none, fgm], or "
+                        "sweep.adversarial_epsilon: null")
+    low = sw.adversarial_epsilon[0] if sw.adversarial_epsilon is not None else p.finetune.adversarial_epsilon
+    if "pgd" in methods and low < p.finetune.adversarial_alpha:
+        key = "sweep.adversarial_epsilon's low end" if sw.adversarial_epsilon else "finetune.adversarial_epsilon"
+        raise UserError(f"{key} {low:g} is below finetune.adversarial_alpha {p.finetune.adversarial_alpha:g}, the pgd "
+                        "step size, so a pgd trial could step out of its epsilon ball; raise it or lower "
+                        "finetune.adversarial_alpha")
 
 
 def trial_setup(p: Params, data_hash: str) -> dict:
@@ -49,18 +77,26 @@ def trial_setup(p: Params, data_hash: str) -> dict:
     dumped = p.model_dump(mode="json", include={"task", "model", "tokenize", "augment", "finetune"})
     flat = {"task": dumped.pop("task"), "data_hash": data_hash}
     for section, values in dumped.items():
-        flat.update({f"{section}.{k}": v for k, v in values.items() if not (section == "finetune" and k in TUNED)})
+        flat.update({f"{section}.{k}": v for k, v in values.items()
+                     if not (section == "finetune" and k in tuned(p.sweep))})
     return flat
 
 
-def suggest(trial: optuna.Trial, sw: SweepParams) -> dict[str, float | int]:
-    return {"learning_rate": trial.suggest_float("learning_rate", *sw.learning_rate, log=True),
-            "batch_size": trial.suggest_categorical("batch_size", list(sw.batch_size)),
-            "dropout": trial.suggest_float("dropout", *sw.dropout)}
+def suggest(trial: optuna.Trial, sw: SweepParams) -> dict[str, float | int | str]:
+    values = {"learning_rate": trial.suggest_float("learning_rate", *sw.learning_rate, log=True),
+              "batch_size": trial.suggest_categorical("batch_size", list(sw.batch_size)),
+              "dropout": trial.suggest_float("dropout", *sw.dropout)}
+    if sw.adversarial is not None:
+        values["adversarial"] = trial.suggest_categorical("adversarial", list(sw.adversarial))
+    if sw.adversarial_epsilon is not None:  # drawn for `none` trials too: a fixed space keeps TPE simple
+        values["adversarial_epsilon"] = trial.suggest_float("adversarial_epsilon", *sw.adversarial_epsilon, log=True)
+    return values
 
 
 def trial_params(p: Params, values: dict) -> Params:
-    return p.model_copy(update={"finetune": p.finetune.model_copy(update={k: values[k] for k in TUNED})})
+    """p with the trial's values in finetune, validated as params.yaml would be (pgd's alpha <= epsilon...)."""
+    ft = type(p.finetune).model_validate({**p.finetune.model_dump(), **values})
+    return p.model_copy(update={"finetune": ft})
 
 
 def default_storage(root: Path | None = None) -> str:
