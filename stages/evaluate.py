@@ -1,7 +1,8 @@
 """Stage evaluate: the fine-tuned model on the test split -> metrics, a report, a confusion matrix and
 per-example predictions (the task's own), logged to the training run; calibration: a temperature fitted on the
 validation split (reports/calibration.json, which export stores with the model), ECE and Brier score on the test
-split before and after it (metrics.json) and a reliability diagram."""
+split before and after it (metrics.json) and a reliability diagram; explanations: the most confident right and
+wrong test predictions per label with their word attributions (reports/explanations.html)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,21 @@ import mlflow
 from tunepipe import tracking
 from tunepipe.calibration import calibrate, calibrator, describe_temperature
 from tunepipe.errors import run_main
+from tunepipe.explanations import write_explanations
 from tunepipe.files import write_json, write_text
 from tunepipe.modeling import load_trained
 from tunepipe.params import load_params
-from tunepipe.paths import CALIBRATION, METRICS, MODEL, RELIABILITY_CSV, RELIABILITY_PNG, REPORTS, TOKENIZED
+from tunepipe.paths import (
+    CALIBRATION,
+    EXPLANATIONS,
+    METRICS,
+    MODEL,
+    RELIABILITY_CSV,
+    RELIABILITY_PNG,
+    REPORTS,
+    TEST_SPLIT,
+    TOKENIZED,
+)
 from tunepipe.plots import plot_reliability
 from tunepipe.progress import say
 
@@ -30,14 +42,15 @@ def main() -> None:
     test = splits["test"]
     result = task.evaluate(model, tokenizer, test, info["labels"], REPORTS, info=info)
     cal = calibrator(task.calibrator)
+    test_data = result.calibration or task.calibration_data(model, tokenizer, test, info)
     scores, record, rows = calibrate(
         cal, p.calibration.method,
-        validation=task.calibration_data(model, tokenizer, splits["validation"], info),
-        test=result.calibration or task.calibration_data(model, tokenizer, test, info))
+        validation=task.calibration_data(model, tokenizer, splits["validation"], info), test=test_data)
     write_reliability(rows, record["temperature"])
     write_json(CALIBRATION, record)
     metrics = {**result.metrics, **scores, "test_data_hash": info["test_data_hash"]}
     write_json(METRICS, metrics)
+    n_explained = write_explanations(p.explain, task, info, *test_data, TEST_SPLIT, MODEL, EXPLANATIONS)
 
     tracking.setup(p.tracking)
     client = mlflow.MlflowClient()
@@ -47,7 +60,7 @@ def main() -> None:
     if isinstance(record["temperature"], float):
         flat["calibration_temperature"] = record["temperature"]
     client.log_batch(info["run_id"], metrics=[mlflow.entities.Metric(k, float(v), now, 0) for k, v in flat.items()])
-    for path in [METRICS, CALIBRATION, RELIABILITY_PNG, *result.artifacts]:
+    for path in [METRICS, CALIBRATION, RELIABILITY_PNG, EXPLANATIONS, *result.artifacts]:
         client.log_artifact(info["run_id"], str(path), "evaluation")
     say(f"evaluate: test {task.headline_metric} {metrics[task.headline_metric]:.4f}, accuracy "
         f"{metrics.get('accuracy', 0):.4f}, n_test {metrics['n_test']} (per-class report: "
@@ -56,6 +69,9 @@ def main() -> None:
         "(fitted on validation), "
         f"test ECE {scores['ece_uncalibrated']:.4f} -> {scores['ece']:.4f}, Brier {scores['brier_uncalibrated']:.4f} "
         f"-> {scores['brier']:.4f} (reliability diagram: {RELIABILITY_PNG})")
+    if n_explained:
+        say(f"evaluate: explained {n_explained} of the most confident right and wrong test predictions "
+            f"({EXPLANATIONS})")
 
 
 def write_reliability(rows: list[dict], temperature) -> None:
