@@ -2,7 +2,9 @@
 per-example predictions (the task's own), logged to the training run; calibration: a temperature fitted on the
 validation split (reports/calibration.json, which export stores with the model), ECE and Brier score on the test
 split before and after it (metrics.json) and a reliability diagram; robustness: the headline metric on seeded,
-label-preserving perturbed copies of the prepared test split (tunepipe/robustness.py), in metrics.json and a plot."""
+label-preserving perturbed copies of the prepared test split (tunepipe/robustness.py), in metrics.json and a plot;
+explanations: the most confident right and wrong test predictions per label with their word attributions
+(reports/explanations.html)."""
 
 from __future__ import annotations
 
@@ -15,11 +17,13 @@ import pandas as pd
 from tunepipe import tracking
 from tunepipe.calibration import calibrate, calibrator, describe_temperature
 from tunepipe.errors import run_main
+from tunepipe.explanations import write_explanations
 from tunepipe.files import write_csv, write_json, write_text
 from tunepipe.modeling import load_trained
 from tunepipe.params import load_params
 from tunepipe.paths import (
     CALIBRATION,
+    EXPLANATIONS,
     METRICS,
     MODEL,
     RELIABILITY_CSV,
@@ -46,10 +50,10 @@ def main() -> None:
     test = splits["test"]
     result = task.evaluate(model, tokenizer, test, info["labels"], REPORTS, info=info)
     cal = calibrator(task.calibrator)
+    test_data = result.calibration or task.calibration_data(model, tokenizer, test, info)
     scores, record, rows = calibrate(
         cal, p.calibration.method,
-        validation=task.calibration_data(model, tokenizer, splits["validation"], info),
-        test=result.calibration or task.calibration_data(model, tokenizer, test, info))
+        validation=task.calibration_data(model, tokenizer, splits["validation"], info), test=test_data)
     write_reliability(rows, record["temperature"])
     write_json(CALIBRATION, record)
     m = task.headline_metric
@@ -59,6 +63,7 @@ def main() -> None:
     plot_robustness(robust_rows, m, ROBUSTNESS_PNG)
     metrics = {**result.metrics, **scores, **robust, "test_data_hash": info["test_data_hash"]}
     write_json(METRICS, metrics)
+    n_explained = write_explanations(p.explain, task, info, *test_data, TEST_SPLIT, MODEL, EXPLANATIONS)
 
     tracking.setup(p.tracking)
     client = mlflow.MlflowClient()
@@ -69,7 +74,7 @@ def main() -> None:
     if isinstance(record["temperature"], float):
         flat["calibration_temperature"] = record["temperature"]
     client.log_batch(info["run_id"], metrics=[mlflow.entities.Metric(k, float(v), now, 0) for k, v in flat.items()])
-    for path in [METRICS, CALIBRATION, RELIABILITY_PNG, ROBUSTNESS_PNG, *result.artifacts]:
+    for path in [METRICS, CALIBRATION, RELIABILITY_PNG, ROBUSTNESS_PNG, EXPLANATIONS, *result.artifacts]:
         client.log_artifact(info["run_id"], str(path), "evaluation")
     say(f"evaluate: test {task.headline_metric} {metrics[task.headline_metric]:.4f}, accuracy "
         f"{metrics.get('accuracy', 0):.4f}, n_test {metrics['n_test']} (per-class report: "
@@ -86,6 +91,9 @@ def main() -> None:
             f"{ROBUSTNESS_PNG})")
     else:
         say("evaluate: robustness report off (robustness.perturbations: [])")
+    if n_explained:
+        say(f"evaluate: explained {n_explained} of the most confident right and wrong test predictions "
+            f"({EXPLANATIONS})")
 
 
 def write_reliability(rows: list[dict], temperature) -> None:

@@ -22,7 +22,7 @@ from tunepipe.modeling import load_trained
 from tunepipe.params import load_params
 from tunepipe.paths import CALIBRATION, EXPORT, EXPORT_META, EXPORT_REPORT, METRICS, MODEL, TOKENIZED
 from tunepipe.progress import say
-from tunepipe.serving import PYFUNC_CODE
+from tunepipe.serving import EXPLAIN_CODE, PYFUNC_CODE
 
 
 def main() -> None:
@@ -38,7 +38,11 @@ def main() -> None:
     # temperature evaluate fitted on the validation split.
     meta = {"task": info["task"], "labels": info["labels"], "max_length": info["max_length"], "input_names": inputs,
             "temperature": stored_temperature(), "calibrator": task.calibrator, **task.served_metadata(info),
-            **{k: info[k] for k in ("long_text", "stride", "window_aggregation") if k in info}}
+            **{k: info[k] for k in ("long_text", "stride", "window_aggregation") if k in info},
+            # Explanations (serving/explain.py) run the fine-tuned PyTorch model, logged with the served one; the
+            # fingerprint tells `tunepipe predict --explain` whether models/model is the model exported here.
+            "explainable": task.explainable, "explain_steps": p.explain.n_steps,
+            "model_fingerprint": info.get("fingerprint")}
     cal = calibrator(task.calibrator)
     # Parity covers what is served: tunepipe's calibrated probabilities of the PyTorch logits (what evaluate
     # scored) against the served code's probabilities of the ONNX logits.
@@ -74,10 +78,10 @@ def main() -> None:
         # models/onnx and dvc.lock as they were, so `dvc repro` runs export again, and the fingerprint (the
         # trained model, the export settings and code) makes that run reuse the version it may have registered.
         fingerprint = tracking.content_fingerprint(MODEL, json.dumps(p.export.model_dump(), sort_keys=True),
-                                                   Path(exporting.__file__), PYFUNC_CODE,
+                                                   Path(exporting.__file__), PYFUNC_CODE, EXPLAIN_CODE,
                                                    json.dumps(meta, sort_keys=True))
         report["registered"] = tracking.register(p, info["run_id"], tmp, info, read_json(METRICS), report,
-                                                 fingerprint)
+                                                 fingerprint, MODEL if task.explainable else None)
     write_json(EXPORT_REPORT, report)
     reg = report["registered"]
     bar = "meets" if report["int8_meets_bar"] else "is below"

@@ -86,7 +86,8 @@ SRC = REPO / "src"
 STAGE_TASK_MODULES = {"prepare": ["data"], "tokenize": ["encode"], "augment": ["augment"], "finetune": ["metrics"],
                       "evaluate": ["evaluate"], "export": []}
 # Files a stage reads without importing them.
-READ_FILES = {"export": ["src/tunepipe/serving/pyfunc_model.py"]}  # logged as the registered model's code
+READ_FILES = {"export": ["src/tunepipe/serving/pyfunc_model.py",  # logged as the registered model's code
+                        "src/tunepipe/serving/explain.py"]}
 
 
 def _module_file(name: str) -> Path | None:

@@ -154,6 +154,15 @@ class RobustnessParams(_Section):
         return v
 
 
+class ExplainParams(_Section):
+    # evaluate's reports/explanations.html: per label, this many most confident right and wrong test predictions
+    # (0 = none; the page then says so). Each costs one integrated-gradients pass (n_steps forward/backward).
+    examples_per_class: int = Field(default=2, ge=0, le=50)
+    # Integrated-gradients steps from the baseline to the text (more = smaller convergence delta, slower); also
+    # what export records for `tunepipe predict --explain` and the served {"explain": true}.
+    n_steps: int = Field(default=32, ge=2, le=1000)
+
+
 class ExportParams(_Section):
     opset: int = Field(default=17, ge=11, le=23)
     parity_tolerance: float = Field(default=1e-3, gt=0)
@@ -266,6 +275,7 @@ class Params(_Section):
     multilabel: MultilabelParams = MultilabelParams()
     calibration: CalibrationParams = CalibrationParams()
     robustness: RobustnessParams = RobustnessParams()
+    explain: ExplainParams = ExplainParams()
     export: ExportParams = ExportParams()
     tracking: TrackingParams = TrackingParams()
     sweep: SweepParams = SweepParams()

@@ -29,6 +29,7 @@ AUGMENT_REPORT = REPORTS / "augment.json"
 TRAIN_REPORT = REPORTS / "train.json"
 METRICS = REPORTS / "metrics.json"
 CALIBRATION = REPORTS / "calibration.json"  # evaluate: the fitted temperature, which export stores with the model
+EXPLANATIONS = REPORTS / "explanations.html"  # evaluate: the most confident right/wrong test predictions, explained
 RELIABILITY_CSV = PLOTS / "reliability.csv"
 RELIABILITY_PNG = PLOTS / "reliability.png"
 ROBUSTNESS_CSV = PLOTS / "robustness.csv"  # evaluate: the headline metric per perturbation of the test split

@@ -16,7 +16,7 @@ from transformers import TrainerCallback
 from tunepipe.errors import UserError, masked
 from tunepipe.params import Params, TrackingParams
 from tunepipe.paths import MLFLOW_ARTIFACTS, MLFLOW_DB
-from tunepipe.serving import PYFUNC_CODE
+from tunepipe.serving import EXPLAIN_CODE, PYFUNC_CODE
 from tunepipe.tasks import get_task
 
 
@@ -269,6 +269,18 @@ def content_fingerprint(*parts: Path | str) -> str:
     return h.hexdigest()[:32]
 
 
+def served_signature(onnx_dir: Path, example: list[str]):
+    """The served model's signature: the output MLflow would infer from the example, plus the request params
+    (explain, explain_label), which `mlflow models serve` accepts only when declared."""
+    import pandas as pd
+    from mlflow.models import infer_signature
+
+    from tunepipe.serving.pyfunc_model import PARAMS, TextPredictor
+
+    output = pd.DataFrame(TextPredictor(onnx_dir).predict(example))
+    return infer_signature(example, output, params=PARAMS)
+
+
 def registered_version(client, name: str, fingerprint: str):
     """The version already registered for this export (by a run of export that died before finishing), if any."""
     import mlflow
@@ -283,9 +295,10 @@ def registered_version(client, name: str, fingerprint: str):
 
 
 def register(p: Params, run_id: str, onnx_dir: Path, info: dict, metrics: dict, parity_report: dict,
-             fingerprint: str | None = None) -> dict:
+             fingerprint: str | None = None, torch_model_dir: Path | None = None) -> dict:
     """Log the served model (pyfunc from code, the ONNX export as its artifact) on the run and register it as a
-    version of tracking.model_name, tagged with what it was trained and scored on.
+    version of tracking.model_name, tagged with what it was trained and scored on. torch_model_dir: the
+    fine-tuned PyTorch model, logged as a second artifact for the served {"explain": true} (read only then).
 
     Idempotent: the version carries `fingerprint` (default: a hash of onnx_dir) and its tags from its creation
     (one registry call), so an export killed at any point and run again finds that version and reuses it
@@ -316,10 +329,12 @@ def register(p: Params, run_id: str, onnx_dir: Path, info: dict, metrics: dict, 
                 client.set_model_version_tag(name, existing.version, k, v)
         return {"model_name": name, "version": int(existing.version), "model_uri": existing.source}
     example = ["what a great flight", "the service was awful"]
+    artifacts = {"model_dir": str(onnx_dir), **({"torch_model_dir": str(torch_model_dir)} if torch_model_dir else {})}
     with mlflow.start_run(run_id=run_id):
         mlflow.log_metrics({k: float(v) for k, v in parity_report.items() if isinstance(v, int | float)})
         logged = mlflow.pyfunc.log_model(
-            name="model", python_model=str(PYFUNC_CODE), artifacts={"model_dir": str(onnx_dir)},
-            input_example=example, pip_requirements=pinned_requirements())
+            name="model", python_model=str(PYFUNC_CODE), artifacts=artifacts, code_paths=[str(EXPLAIN_CODE)],
+            input_example=example, signature=served_signature(onnx_dir, example),
+            pip_requirements=pinned_requirements())
     version = mlflow.register_model(logged.model_uri, name, tags=tags)  # tags in the same call as the version
     return {"model_name": name, "version": int(version.version), "model_uri": logged.model_uri}

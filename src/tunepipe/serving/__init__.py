@@ -1,6 +1,7 @@
 """The served model. pyfunc_model.py is stored with every registered version (MLflow "models from code"), so it
-imports nothing from tunepipe."""
+imports nothing from tunepipe; explain.py (word attributions) is stored beside it (code_paths)."""
 
 from pathlib import Path
 
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+EXPLAIN_CODE = Path(__file__).with_name("explain.py")

@@ -3,10 +3,15 @@ labels above their thresholds with their probabilities), through onnxruntime.
 
 Self-contained on purpose (no tunepipe imports): MLflow stores this file with the model ("models from code",
 no pickle), and `tunepipe predict` uses the same TextPredictor on a local export directory.
+
+With params {"explain": true} (optionally {"explain_label": "..."}) each output row also gets the word
+attributions of explain.py (stored beside this file), computed from the fine-tuned PyTorch model (the
+`torch_model_dir` artifact, loaded on the first such request); only this option needs torch and captum.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 from pathlib import Path
@@ -180,12 +185,59 @@ def as_texts(model_input) -> list[str]:
     return [str(t) for t in model_input]
 
 
+def explain_module():
+    """explain.py: tunepipe's own copy where this file is imported as tunepipe.serving.pyfunc_model (tunepipe
+    predict), else the one logged beside it (MLflow puts the model's code directory on sys.path)."""
+    if __package__:
+        return importlib.import_module(".explain", __package__)
+    return importlib.import_module("explain")
+
+
+def load_explainer(meta: dict, torch_model_dir: str | Path | None):
+    """The explainer of an export (its tunepipe.json) and its fine-tuned PyTorch model directory. ValueError with
+    what to do where the model cannot explain."""
+    if "explainable" not in meta:
+        raise ValueError("explain: this model was exported before explanations existed; export it again "
+                         "(dvc repro export)")
+    if not meta["explainable"]:
+        raise ValueError(f"explain: not available for {meta.get('task')} models")
+    if torch_model_dir is None:
+        raise ValueError("explain: this model was registered without its PyTorch model (the torch_model_dir "
+                         "artifact); export it again (dvc repro export)")
+    try:
+        importlib.import_module("torch")
+        importlib.import_module("captum")
+    except ImportError as exc:
+        raise ValueError(f"explain: needs torch and captum where the model runs ({exc}); pip install torch "
+                         "captum") from None
+    return explain_module().Explainer(torch_model_dir, n_steps=meta.get("explain_steps", 32),
+                                      max_length=meta["max_length"])
+
+
+def with_explanations(rows: list[dict], texts: list[str], explainer, label: str | None = None) -> list[dict]:
+    """Each result row plus explained_label, attributions ([{word, weight, start, end}]) and convergence_delta."""
+    return [{**row, **exp} for row, exp in zip(rows, explainer.explain(texts, label or None), strict=True)]
+
+
+# Request params the served model takes (declared in its signature, so `mlflow models serve` accepts them).
+PARAMS = {"explain": False, "explain_label": ""}
+
+
 class TunepipeModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         self.predictor = TextPredictor(context.artifacts["model_dir"])
+        self.torch_model_dir = context.artifacts.get("torch_model_dir")
+        self.explainer = None
 
     def predict(self, context, model_input, params=None):
-        return pd.DataFrame(self.predictor.predict(as_texts(model_input)))
+        texts = as_texts(model_input)
+        rows = self.predictor.predict(texts)
+        params = {**PARAMS, **(params or {})}
+        if params["explain"]:
+            if self.explainer is None:  # loaded on the first request that asks for it
+                self.explainer = load_explainer(self.predictor.meta, self.torch_model_dir)
+            rows = with_explanations(rows, texts, self.explainer, params["explain_label"])
+        return pd.DataFrame(rows)
 
 
 mlflow.models.set_model(TunepipeModel())

@@ -59,6 +59,7 @@ class Task:
       evaluate.robust_score(model, tok, test, perturb, info)   evaluate: headline metric on a perturbed test copy
       metrics.paired_p_value(s, new, old)      promote: paired test on two versions' predictions.csv
       metrics.rescore(s, test, models)         promote --reevaluate (optional)
+      evaluate.decisions(logits, gold, info)   evaluate: explanations.html's right/wrong cases (explainable tasks)
     The folder's __init__.py defines TASK, a subclass instance with the attributes and the few small methods
     below that have no default."""
 
@@ -76,6 +77,9 @@ class Task:
     # Robustness perturbations the task adds to robustness.perturbations (tunepipe/robustness.py), e.g. NER's
     # context_noise, which needs a label per word.
     extra_perturbations: tuple[str, ...] = ()
+    # Word attributions (serving/explain.py: integrated gradients of one label's logit per text, so a head with one
+    # prediction per text): `tunepipe predict --explain`, the served {"explain": true}, evaluate's explanations.html.
+    explainable: bool = False
 
     def part(self, module: str):
         """One of the task folder's modules, imported on first use (choosing a task loads nothing heavy)."""
@@ -133,6 +137,16 @@ class Task:
             raise UserError(f"--reevaluate: {self.name} models cannot be re-scored from the served output; "
                             "re-run `dvc repro` on the same data instead")
         return metrics.rescore(s, test, models)
+
+    def check_explainable(self, what: str) -> None:
+        if not self.explainable:
+            raise UserError(f"{what}: not available for {self.name} models")
+
+    def decisions(self, logits: np.ndarray, gold: np.ndarray, info: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """An explainable task's test decisions from calibration_data's (logits, gold): per text and label the
+        probability, whether the label was predicted and whether it is gold (three (n, n_labels) arrays)."""
+        self.check_explainable("explanations")
+        return self.part("evaluate").decisions(logits, gold, info)
 
     def trained_metadata(self, trainer, dsd: datasets.DatasetDict, labels: list[str], p: Params) -> dict:
         """finetune, after training: what the task adds to the model's own metadata (training_info.json), e.g.

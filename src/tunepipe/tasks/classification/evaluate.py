@@ -91,3 +91,11 @@ def evaluate(model, tokenizer, test: datasets.Dataset, labels: list[str], report
     return Evaluation(metrics, {lab: row["f1"] for lab, row in metrics["per_class"].items()},
                       [reports / "classification_report.txt", reports / "predictions.csv",
                        plots / "confusion_matrix.png"], calibration=(logits, y_true))
+
+
+def decisions(logits: np.ndarray, gold: np.ndarray, info: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per text and label: softmax probability, predicted (the argmax) and gold, as evaluate scores them."""
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    eye = np.eye(logits.shape[-1], dtype=bool)
+    return probs, eye[logits.argmax(-1)], eye[np.asarray(gold, dtype=np.int64)]

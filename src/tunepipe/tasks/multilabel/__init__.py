@@ -16,6 +16,7 @@ class Multilabel(Task):
     peft_task_type = "SEQ_CLS"
     problem_type = "multi_label_classification"
     calibrator = "sigmoid"  # one temperature per label (tunepipe/calibration.py)
+    explainable = True  # one label's logit at a time (the most probable, or the one asked for)
 
     def collator(self, tokenizer):
         from transformers import DataCollatorWithPadding

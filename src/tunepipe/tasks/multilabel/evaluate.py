@@ -97,3 +97,10 @@ def evaluate(model, tokenizer, test: datasets.Dataset, labels: list[str], report
     return Evaluation(metrics, {lab: row["f1"] for lab, row in metrics["per_label"].items()},
                       [reports / "classification_report.txt", reports / "predictions.csv",
                        plots / "confusion_matrix.png"], calibration=(logits, y.astype(np.float64)))
+
+
+def decisions(logits: np.ndarray, gold: np.ndarray, info: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per text and label: sigmoid probability, predicted (at the threshold stored with the model) and gold."""
+    probs = sigmoid(logits)
+    th = np.array([float(info.get("thresholds", {}).get(lab, 0.5)) for lab in info["labels"]])
+    return probs, probs >= th[None, :], np.asarray(gold) >= 0.5
