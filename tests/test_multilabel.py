@@ -233,8 +233,10 @@ def test_paired_tests_on_label_sets():
     assert task.paired_p_value(s, frame(better), frame(worse)) < 0.01
     assert task.paired_p_value(s, frame(worse), frame(better)) > 0.9
     assert task.paired_p_value(PromoteParams(metric="micro_f1", test="mcnemar"), frame(better), frame(worse)) < 0.01
-    with pytest.raises(UserError, match="bootstrap recomputes micro_f1, .* not promote.metric 'hamming_loss'"):
-        task.paired_p_value(PromoteParams(metric="hamming_loss"), frame(better), frame(worse))
+    with pytest.raises(UserError, match="bootstrap recomputes micro_f1, .* not promote.metric 'weighted_f1'"):
+        task.paired_p_value(PromoteParams(metric="weighted_f1"), frame(better), frame(worse))
+    with pytest.raises(ValueError, match="'hamming_loss' is lower-is-better"):  # params refuse it before any test
+        PromoteParams(metric="hamming_loss")
 
 
 # ---------------------------------------------------------------------------------------------- pipeline
