@@ -23,6 +23,7 @@ from tunepipe.params import load_params
 from tunepipe.paths import CALIBRATION, EXPORT, EXPORT_META, EXPORT_REPORT, METRICS, MODEL, TOKENIZED
 from tunepipe.progress import say
 from tunepipe.serving import EXPLAIN_CODE, PYFUNC_CODE
+from tunepipe.serving.pyfunc_model import SERVE_CODE, probabilities  # the served code itself
 
 
 def main() -> None:
@@ -46,7 +47,7 @@ def main() -> None:
     cal = calibrator(task.calibrator)
     # Parity covers what is served: tunepipe's calibrated probabilities of the PyTorch logits (what evaluate
     # scored) against the served code's probabilities of the ONNX logits.
-    calibrated = (lambda z: cal.probabilities(z, meta["temperature"]), lambda z: served_probabilities(meta, z))
+    calibrated = (lambda z: cal.probabilities(z, meta["temperature"]), lambda z: probabilities(meta, z))
 
     t0 = time.time()
     with atomic_dir(EXPORT) as tmp:
@@ -69,6 +70,7 @@ def main() -> None:
                             f"{p.export.parity_tolerance:g}; nothing was exported")
         tokenizer.save_pretrained(tmp)
         shutil.copy(MODEL / "config.json", tmp / "config.json")
+        shutil.copy(task.serve_code, tmp / SERVE_CODE)  # the task's output code travels with the model
         write_json(tmp / EXPORT_META, meta)
         report["export_seconds"] = round(time.time() - t0, 1)
         # The exporter may keep weights in an external-data file beside model.onnx.
@@ -79,7 +81,7 @@ def main() -> None:
         # trained model, the export settings and code) makes that run reuse the version it may have registered.
         fingerprint = tracking.content_fingerprint(MODEL, json.dumps(p.export.model_dump(), sort_keys=True),
                                                    Path(exporting.__file__), PYFUNC_CODE, EXPLAIN_CODE,
-                                                   json.dumps(meta, sort_keys=True))
+                                                   task.serve_code, json.dumps(meta, sort_keys=True))
         report["registered"] = tracking.register(p, info["run_id"], tmp, info, read_json(METRICS), report,
                                                  fingerprint, MODEL if task.explainable else None)
     write_json(EXPORT_REPORT, report)
@@ -96,12 +98,6 @@ def stored_temperature() -> float | list[float]:
     if not CALIBRATION.is_file():
         raise UserError(f"export: {CALIBRATION} not found (evaluate writes it); run `dvc repro evaluate` first")
     return read_json(CALIBRATION)["temperature"]
-
-
-def served_probabilities(meta: dict, logits):
-    from tunepipe.serving.pyfunc_model import probabilities  # the served code itself
-
-    return probabilities(meta, logits)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ ONNX parity check on the calibrated probabilities."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import datasets
@@ -25,6 +26,7 @@ from tunepipe.calibration import (
 )
 from tunepipe.errors import UserError
 from tunepipe.files import read_json
+from tunepipe.tasks import get_task
 
 # ---- the fit and the scores -----------------------------------------------------------------------------------
 
@@ -111,15 +113,31 @@ def exported(tmp_path_factory, tiny_model_dir):
         model.classifier.weight.mul_(50)
     export_onnx(model, input_names(tok), out / "model.onnx", 17)
     tok.save_pretrained(out)
+    shutil.copy(get_task("classification").serve_code, out / "serve.py")  # as export does
     (out / "tunepipe.json").write_text(json.dumps({"task": "classification", "labels": ["a", "b", "c"],
                                                    "max_length": 32, "input_names": input_names(tok)}))
     return model, tok, out
 
 
+def test_an_export_without_its_output_code_is_named(exported, tmp_path, capsys):
+    """The task's served output (tasks/<task>/serve.py) travels inside the export; an export made before it did
+    is refused with what to do: by the predictor, and by `tunepipe predict` as one line, exit status 2."""
+    from tunepipe import cli
+    from tunepipe.serving.pyfunc_model import TextPredictor
+
+    old = with_meta(exported[2], tmp_path)
+    (old / "serve.py").unlink()
+    with pytest.raises(ValueError, match=r"no serve\.py \(exported by an older tunepipe\); export it again"):
+        TextPredictor(old)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["predict", "--model", str(old), "a great flight"])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and len(err.splitlines()) == 1, err
+    assert err.endswith("no serve.py (exported by an older tunepipe); export it again (dvc repro export)"), err
+
+
 def with_meta(export: Path, tmp: Path, **extra) -> Path:
     """A copy of the export whose tunepipe.json has `extra` keys."""
-    import shutil
-
     dest = tmp / "served"
     shutil.copytree(export, dest)
     meta = json.loads((dest / "tunepipe.json").read_text())
@@ -235,7 +253,7 @@ def test_evaluate_writes_calibration_and_export_serves_it(project, monkeypatch):
 
     # A served side that drops the temperature is refused, and nothing is exported.
     (root / "reports/calibration.json").write_text(json.dumps({**record, "temperature": 4.0}))
-    monkeypatch.setattr(export, "served_probabilities", lambda meta, z: softmax(z))
+    monkeypatch.setattr(export, "probabilities", lambda meta, z: softmax(z))
     with pytest.raises(UserError, match="served calibrated probabilities .* export.parity_tolerance"):
         export.main()
     assert not (root / "models/onnx").exists()
@@ -301,7 +319,7 @@ def test_ner_stages_calibrate_per_token_and_serve_it(ner_project):  # noqa: F811
     enc = predictor.tokenizer(words, is_split_into_words=True, return_tensors="np")
     logits = predictor.session.run(None, {k: enc[k].astype(np.int64) for k in predictor.input_names})[0][0]
     first = [enc.word_ids(0).index(w) for w in range(5)]
-    served = np.array(predictor.word_probs(words)[0])
+    served = np.array(predictor.output.word_probs(predictor, words)[0])  # the exported serve.py's
     assert np.allclose(served, softmax(logits[first].astype(np.float64) / 3.0), atol=1e-6)
 
 

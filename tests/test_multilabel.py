@@ -272,7 +272,8 @@ def test_pipeline_in_process_stores_thresholds_and_serves_label_sets(ml_project)
     served = read_json(root / "models/onnx/tunepipe.json")
     assert served["task"] == "multilabel" and served["thresholds"] == info["thresholds"]
 
-    from tunepipe.serving.pyfunc_model import TextPredictor, calibrated_thresholds
+    from tunepipe.serving.pyfunc_model import TextPredictor
+    from tunepipe.tasks.multilabel.serve import calibrated_thresholds
 
     # Calibrated per label (one sigmoid temperature each); the thresholds, tuned on raw sigmoids, are mapped so
     # that the served decisions are the ones evaluate scored.

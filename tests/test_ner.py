@@ -18,7 +18,6 @@ from tests.helpers import REPO, clone_repo, commit_all, sh, tiny_params
 from tunepipe.errors import UserError
 from tunepipe.files import read_json
 from tunepipe.params import parse_params
-from tunepipe.serving.pyfunc_model import split_words, tag_spans
 from tunepipe.tasks.ner import augment as ner_augment
 from tunepipe.tasks.ner import scheme as ner_scheme
 from tunepipe.tasks.ner.data import read_conll
@@ -27,6 +26,7 @@ from tunepipe.tasks.ner.evaluate import entity_confusion
 from tunepipe.tasks.ner.metrics import compute_metrics as ner_metrics
 from tunepipe.tasks.ner.metrics import entity_scores, per_type
 from tunepipe.tasks.ner.scheme import detect_and_validate
+from tunepipe.tasks.ner.serve import split_words, tag_spans
 
 SHARED_CONLL = REPO.parent / "shared/data/conll2003"
 

@@ -7,6 +7,7 @@ import contextlib
 import csv
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -73,6 +74,7 @@ def onnx_exports(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
                 init.CopyFrom(numpy_helper.from_array(np.array(bias, np.float32), init.name))
         onnx.save(graph, str(d / "model.onnx"))  # one self-contained file
         tok.save_pretrained(d)
+        shutil.copy(get_task("classification").serve_code, d / "serve.py")  # as export does
         (d / "tunepipe.json").write_text(json.dumps({"task": "classification", "labels": LABELS, "max_length": 32,
                                                      "input_names": names}))
         out[variant] = d

@@ -84,7 +84,7 @@ def test_committed_baseline_is_a_run_of_the_committed_params():
 SRC = REPO / "src"
 # The Task methods each stage calls live in these modules of every task folder (tasks/<name>/<module>.py).
 STAGE_TASK_MODULES = {"prepare": ["data"], "tokenize": ["encode"], "augment": ["augment"], "finetune": ["metrics"],
-                      "evaluate": ["evaluate"], "export": []}
+                      "evaluate": ["evaluate"], "export": ["serve"]}
 # Files a stage reads without importing them.
 READ_FILES = {"export": ["src/tunepipe/serving/pyfunc_model.py",  # logged as the registered model's code
                         "src/tunepipe/serving/explain.py"]}

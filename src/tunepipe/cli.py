@@ -27,7 +27,10 @@ def load_predictor(model: str, params_file: str, explain: dict | None = None):
                             "run `dvc repro` first or pass models:/NAME@champion")
         from tunepipe.serving.pyfunc_model import TextPredictor, load_explainer, with_explanations
 
-        predictor = TextPredictor(path)
+        try:
+            predictor = TextPredictor(path)
+        except ValueError as exc:  # e.g. an export made before its task's output code travelled with it
+            raise UserError(f"--model: {exc}") from None
         if explain is None:
             return predictor.task, predictor.predict
         get_task(predictor.task).check_explainable("--explain")

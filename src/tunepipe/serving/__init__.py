@@ -1,5 +1,6 @@
 """The served model. pyfunc_model.py is stored with every registered version (MLflow "models from code"), so it
-imports nothing from tunepipe; explain.py (word attributions) is stored beside it (code_paths)."""
+imports nothing from tunepipe; explain.py (word attributions) is stored beside it (code_paths). The task's output
+code (tasks/<task>/serve.py) is copied into the exported model directory as serve.py."""
 
 from pathlib import Path
 

@@ -1,5 +1,6 @@
 """The served model: raw text in, label and class probabilities out (for NER, entity spans; for multi-label, the
-labels above their thresholds with their probabilities), through onnxruntime.
+labels above their thresholds with their probabilities), through onnxruntime. The task's own code turns logits
+into that output: its tasks/<task>/serve.py, which export copies into the exported model directory.
 
 Self-contained on purpose (no tunepipe imports): MLflow stores this file with the model ("models from code",
 no pickle), and `tunepipe predict` uses the same TextPredictor on a local export directory.
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import re
 from pathlib import Path
 
 import mlflow
@@ -21,36 +21,7 @@ import numpy as np
 import pandas as pd
 
 MODEL_FILE = "model.onnx"
-# NER words cut the way CoNLL data is: abbreviations (U.S.), numbers and hyphenated or dotted words (1,000,
-# 1996-08-22, York-based, O'Neill) stay whole; clitics ('s) and other punctuation stand alone. The model learned
-# its tags on the first sub-token of such words.
-WORD = re.compile(r"(?:[^\W\d_]\.){2,}|\w+(?:[-.,/&]\w+|'(?!(?:s|re|ve|ll|d|m|t)\b)\w+)*"
-                  r"|'(?:s|re|ve|ll|d|m|t)\b|\S", re.IGNORECASE)
-
-
-def split_words(text: str) -> list[tuple[str, int, int]]:
-    """(word, start, end) character spans."""
-    return [(m.group(), m.start(), m.end()) for m in WORD.finditer(text)]
-
-
-def tag_spans(tags: list[str]) -> list[tuple[str, int, int]]:
-    """Word tags (IOB2 or BIOES) -> (type, first word, end word), read leniently as conlleval does: an I-X/E-X
-    that does not continue an X entity opens one, so a missed B- does not lose the entity."""
-    spans: list[tuple[str, int, int]] = []
-    cur: tuple[str, int] | None = None
-    for i, tag in enumerate(tags):
-        prefix, _, kind = tag.partition("-")
-        if cur and (prefix not in ("I", "E") or kind != cur[0]):
-            spans.append((cur[0], cur[1], i))
-            cur = None
-        if prefix in ("B", "S") or (prefix in ("I", "E") and cur is None):
-            cur = (kind, i)
-        if prefix in ("E", "S") and cur:
-            spans.append((cur[0], cur[1], i + 1))
-            cur = None
-    if cur:
-        spans.append((cur[0], cur[1], len(tags)))
-    return spans
+SERVE_CODE = "serve.py"  # the task's output code (tasks/<task>/serve.py), copied into the export
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
@@ -65,14 +36,6 @@ def probabilities(meta: dict, logits: np.ndarray) -> np.ndarray:
     calibration.method none) has T = 1, the plain softmax/sigmoid."""
     z = np.asarray(logits, dtype=np.float64) / np.asarray(meta.get("temperature", 1.0), dtype=np.float64)
     return 1.0 / (1.0 + np.exp(-z)) if meta.get("calibrator") == "sigmoid" else softmax(z)
-
-
-def calibrated_thresholds(meta: dict, labels: list[str]) -> np.ndarray:
-    """Multi-label thresholds were tuned on uncalibrated sigmoids: sigmoid(z) >= t exactly when
-    sigmoid(z / T) >= sigmoid(logit(t) / T), so the served decision stays the one evaluate scored."""
-    t = np.clip(np.array([float(meta.get("thresholds", {}).get(lab, 0.5)) for lab in labels]), 1e-12, 1 - 1e-12)
-    temperature = np.asarray(meta.get("temperature", 1.0), dtype=np.float64)
-    return 1.0 / (1.0 + np.exp(-np.log(t / (1 - t)) / temperature))
 
 
 def aggregate_windows(logits: np.ndarray, text_ids: np.ndarray, how: str) -> np.ndarray:
@@ -105,6 +68,7 @@ class TextPredictor:
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
         self.session = ort.InferenceSession(str(model_dir / onnx_file), providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output = output_module(model_dir, self.task)  # how logits become this task's served output
 
     def logits(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
         out = []
@@ -112,60 +76,36 @@ class TextPredictor:
         for i in range(0, len(texts), batch_size):
             enc = self.tokenizer(texts[i:i + batch_size], truncation=True, max_length=self.max_length,
                                  padding=True, return_tensors="np", **windows)
-            logits = self.session.run(None, {k: enc[k].astype(np.int64) for k in self.input_names})[0]
+            logits = self.run(enc)
             if windows:
                 logits = aggregate_windows(logits, enc["overflow_to_sample_mapping"], self.aggregation)
             out.append(logits)
         return np.concatenate(out) if out else np.zeros((0, len(self.labels)), dtype=np.float32)
 
-    def word_probs(self, words: list[list[str]]) -> list[list[np.ndarray | None]]:
-        """Tag probabilities of each word from its first sub-token; a long text runs as several windows."""
-        enc = self.tokenizer(words, is_split_into_words=True, truncation=True, max_length=self.max_length,
-                             padding=True, return_overflowing_tokens=True, stride=0, return_tensors="np")
-        probs = probabilities(self.meta, self.session.run(None, {k: enc[k].astype(np.int64)
-                                                                 for k in self.input_names})[0])
-        out: list[list[np.ndarray | None]] = [[None] * len(w) for w in words]
-        for row, sample in enumerate(enc["overflow_to_sample_mapping"]):
-            for pos, w in enumerate(enc.word_ids(row)):
-                if w is not None and out[sample][w] is None:
-                    out[sample][w] = probs[row, pos]
-        return out
+    def run(self, enc) -> np.ndarray:
+        """The ONNX model's logits of one tokenized batch (numpy)."""
+        return self.session.run(None, {k: enc[k].astype(np.int64) for k in self.input_names})[0]
 
-    def entities(self, texts: list[str], batch_size: int = 32) -> list[dict]:
-        """Per text: entity spans with character offsets; a span's score is the mean of its words' tag scores."""
-        results = []
-        for i in range(0, len(texts), batch_size):
-            chunk = texts[i:i + batch_size]
-            words = [split_words(t) for t in chunk]
-            probs = self.word_probs([[w for w, _, _ in ws] for ws in words])
-            for text, ws, ps in zip(chunk, words, probs, strict=True):
-                tags = ["O" if p is None else self.labels[int(p.argmax())] for p in ps]
-                scores = [0.0 if p is None else float(p.max()) for p in ps]
-                results.append({"entities": [
-                    {"text": text[ws[a][1]:ws[b - 1][2]], "type": kind, "start": ws[a][1], "end": ws[b - 1][2],
-                     "score": round(sum(scores[a:b]) / (b - a), 6)}
-                    for kind, a, b in tag_spans(tags)]})
-        return results
-
-    def label_sets(self, texts: list[str]) -> list[dict]:
-        """Multi-label: the labels whose sigmoid probability reaches their threshold (tuned per label on
-        validation, stored in tunepipe.json), most probable first, and every label's probability."""
-        probs = probabilities(self.meta, self.logits(texts))
-        th = calibrated_thresholds(self.meta, self.labels)
-        return [{"labels": [{"label": self.labels[j], "probability": float(row[j])}
-                            for j in np.argsort(-row, kind="stable") if row[j] >= th[j]],
-                 "probabilities": {lab: float(x) for lab, x in zip(self.labels, row, strict=True)}}
-                for row in probs]
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        return probabilities(self.meta, logits)
 
     def predict(self, texts: list[str]) -> list[dict]:
-        if self.task == "ner":
-            return self.entities(texts)
-        if self.task == "multilabel":
-            return self.label_sets(texts)
-        probs = probabilities(self.meta, self.logits(texts))
-        return [{"label": self.labels[int(row.argmax())], "score": float(row.max()),
-                 "probabilities": {lab: float(x) for lab, x in zip(self.labels, row, strict=True)}}
-                for row in probs]
+        return self.output.predict(self, texts)
+
+
+def output_module(model_dir: Path, task: str):
+    """The export's serve.py (its task's tasks/<task>/serve.py as exported), loaded from its file: every model
+    keeps the output code it was exported with, and models of several tasks can be loaded in one process."""
+    import importlib.util
+
+    path = model_dir / SERVE_CODE
+    if not path.is_file():
+        raise ValueError(f"{model_dir}: no {SERVE_CODE} (exported by an older tunepipe); export it again "
+                         "(dvc repro export)")
+    spec = importlib.util.spec_from_file_location(f"tunepipe_served_{task}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def as_texts(model_input) -> list[str]:

@@ -60,6 +60,8 @@ class Task:
       metrics.paired_p_value(s, new, old)      promote: paired test on two versions' predictions.csv
       metrics.rescore(s, test, models)         promote --reevaluate (optional)
       evaluate.decisions(logits, gold, info)   evaluate: explanations.html's right/wrong cases (explainable tasks)
+      serve.predict(predictor, texts)          serving: logits -> the served output (a self-contained file that
+                                               export copies into the exported model; see serve_code)
     The folder's __init__.py defines TASK, a subclass instance with the attributes and the few small methods
     below that have no default."""
 
@@ -80,6 +82,12 @@ class Task:
     # Word attributions (serving/explain.py: integrated gradients of one label's logit per text, so a head with one
     # prediction per text): `tunepipe predict --explain`, the served {"explain": true}, evaluate's explanations.html.
     explainable: bool = False
+
+    @property
+    def serve_code(self) -> Path:
+        """tasks/<name>/serve.py: how the served model turns logits into this task's output. Self-contained (no
+        tunepipe imports): export copies it into the exported model directory, which serving/pyfunc_model.py runs."""
+        return Path(__file__).parent / self.name / "serve.py"
 
     def part(self, module: str):
         """One of the task folder's modules, imported on first use (choosing a task loads nothing heavy)."""
