@@ -7,13 +7,10 @@ import contextlib
 import csv
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +22,16 @@ import pytest
 import yaml
 from sklearn.metrics import accuracy_score, f1_score
 
-from tests.helpers import REPO, synthetic_rows
+from tests.helpers import (
+    PG,
+    REPO,
+    background,
+    free_port,
+    fresh_pg_database,
+    post_json,
+    synthetic_rows,
+    wait_http,
+)
 from tunepipe import cli
 from tunepipe.errors import UserError
 from tunepipe.params import PromoteParams, parse_params
@@ -35,7 +41,6 @@ from tunepipe.tasks import get_task
 
 LABELS = ["negative", "neutral", "positive"]
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
-PG = "postgresql+psycopg2://root@127.0.0.1:5432"  # SQLAlchemy 2.1 defaults to psycopg 3
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
@@ -169,47 +174,6 @@ def reg(store, tmp_path, monkeypatch, capsys) -> Registry:
     monkeypatch.chdir(tmp_path)
     mlflow.set_tracking_uri(store.uri)
     return Registry(store, store.uri, store.experiment_id, tmp_path, capsys)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        time.sleep(0.5)
-    raise AssertionError(f"{url} did not answer in {timeout}s:\n{log.read_text()[-3000:]}")
-
-
-@contextlib.contextmanager
-def background(cmd: list[str], log: Path, env: dict | None = None):
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        yield proc
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
-def post_json(url: str, payload: dict) -> dict:
-    req = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=60) as resp:
-        return json.loads(resp.read())
 
 
 def scored(gold: list[str], pred: list[str]) -> dict[str, float]:
@@ -543,21 +507,6 @@ def test_serve_and_predict_the_champion_registered_by_export(reg, onnx_exports, 
 
 
 # ---------------------------------------------------------------------------------------------- PostgreSQL
-
-@contextlib.contextmanager
-def fresh_pg_database():
-    import psycopg2
-
-    name = f"tunepipe_reg_{uuid.uuid4().hex[:10]}"
-    conn = psycopg2.connect(host="127.0.0.1", port=5432, user="root", dbname="test")
-    conn.autocommit = True
-    try:
-        conn.cursor().execute(f"CREATE DATABASE {name}")
-        yield f"{PG}/{name}"
-    finally:
-        conn.cursor().execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        conn.close()
-
 
 def test_postgres_advisory_lock_serialises_promotions():
     previous = mlflow.get_tracking_uri()
