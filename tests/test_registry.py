@@ -32,7 +32,7 @@ from tests.helpers import (
     synthetic_rows,
     wait_http,
 )
-from tunepipe import cli
+from tunepipe import cli, tracking
 from tunepipe.errors import UserError
 from tunepipe.params import PromoteParams, parse_params
 from tunepipe.registry import decision, locks, promotion
@@ -538,6 +538,11 @@ def test_promotion_against_a_tracking_server_with_postgres(tmp_path, monkeypatch
             try:
                 exp = mlflow.MlflowClient().create_experiment("tunepipe")
                 reg = Registry(None, uri, exp, tmp_path, capsys)
+                # --default-artifact-root without --artifacts-destination: each client writes on its own disk.
+                warning = tracking.client_side_artifacts(reg.client, exp)
+                assert warning.startswith(f"warning: tracking.uri: the MLflow server stores this experiment's "
+                                          f"artifacts at {tmp_path / 'artifacts'}")
+                assert "--artifacts-destination" in warning
                 reg.set_promote(significance=0.05)
                 gold = [LABELS[i % 3] for i in range(300)]
                 v1 = reg.add(scored(gold, with_errors(gold, 150)), predictions=with_errors(gold, 150), gold=gold,

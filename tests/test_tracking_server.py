@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+import psycopg2
 import pytest
 import yaml
 
@@ -31,6 +32,9 @@ from tests.helpers import (
     wait_http,
     write_csv,
 )
+from tunepipe import tracking
+from tunepipe.errors import UserError
+from tunepipe.params import TrackingParams
 
 LABELS = ["negative", "neutral", "positive"]
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
@@ -45,6 +49,7 @@ class Server:
     uri: str  # what clients use: plain http, no database credentials
     artifacts: Path  # --artifacts-destination: where the server stores what clients upload through it
     log: Path
+    database: str
 
 
 @contextlib.contextmanager
@@ -53,9 +58,10 @@ def tracking_server(tmp: Path) -> Iterator[Server]:
     with fresh_pg_database("tunepipe_srv") as db:
         backend = db.replace("://root@", f"://root:{DB_PASSWORD}@")
         port = free_port()
-        server = Server(f"http://127.0.0.1:{port}", tmp / "artifacts", tmp / "server.log")
+        server = Server(f"http://127.0.0.1:{port}", tmp / "artifacts", tmp / "server.log", db.rsplit("/", 1)[1])
+        # --allowed-hosts as a team sets it for the name its clients use (host:port, as in their Host header).
         cmd = [MLFLOW, "server", "--backend-store-uri", backend, "--artifacts-destination", str(server.artifacts),
-               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+               "--host", "127.0.0.1", "--port", str(port), "--workers", "1", "--allowed-hosts", f"127.0.0.1:{port}"]
         with background(cmd, server.log) as proc:
             wait_http(f"{server.uri}/health", proc, server.log)
             yield server
@@ -85,6 +91,10 @@ def test_repro_promote_and_serve_through_a_tracking_server(tmp_path, tiny_model_
         write_params(root, tiny_model_dir, server.uri)
         commit_all(root)
         client = mlflow.MlflowClient(tracking_uri=server.uri, registry_uri=server.uri)
+        # A host name the server does not accept is named, with the server option that fixes it.
+        other = server.uri.replace("127.0.0.1", "localhost")
+        with pytest.raises(UserError, match=f"refuses the host name {other[7:]} .* --allowed-hosts {other[7:]} "):
+            tracking.check_reachable(TrackingParams(uri=other))
 
         # 1. dvc repro logs the run and registers version 1 on the server, nothing in the clone.
         t = time.monotonic()
@@ -94,6 +104,7 @@ def test_repro_promote_and_serve_through_a_tracking_server(tmp_path, tiny_model_
             assert f"Running stage '{stage}'" in first.stdout
         for local in ("mlflow.db", "mlruns", "mlartifacts"):
             assert not (root / local).exists(), f"{local} was created in the clone instead of using the server"
+        assert "warning: tracking.uri" not in first.stderr  # artifacts go through the server: no warning
         untracked = [x for x in sh(["git", "status", "--porcelain", "--untracked-files=all"], root).stdout
                      .splitlines() if x.startswith("??")]
         assert not untracked, untracked
@@ -171,6 +182,17 @@ def test_repro_promote_and_serve_through_a_tracking_server(tmp_path, tiny_model_
                     *(json.dumps(v.tags) for v in versions.values()), json.dumps(tags)]
         assert not [text for text in recorded if DB_PASSWORD in text]
         server_log = server.log.read_text()
+
+        # The server up but its database gone: named as that, in seconds, not taken for a working store.
+        with contextlib.closing(psycopg2.connect(host="127.0.0.1", port=5432, user="root", dbname="test")) as conn:
+            conn.autocommit = True
+            conn.cursor().execute(f"DROP DATABASE {server.database} WITH (FORCE)")
+        t = time.monotonic()
+        down = cli(root, "models")
+        assert down.returncode == 2 and time.monotonic() - t < 60, down
+        assert down.stderr.startswith(f"error: tracking.uri: the MLflow tracking server at {server.uri} answers but "
+                                      "cannot use its backend store (HTTP 503 TEMPORARILY_UNAVAILABLE: "), down.stderr
+        assert "Traceback" not in down.stderr and DB_PASSWORD not in down.stderr
     times["total"] = time.monotonic() - t0
     assert DB_PASSWORD not in server_log  # MLflow's own log does not print the backend store URI either
     print("tracking server end to end: " + ", ".join(f"{k} {v:.1f}s" for k, v in times.items()))
