@@ -3,16 +3,26 @@ and what a user gets from `git clone` of this repository. (Fixtures live in conf
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import random
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+# The test PostgreSQL server (trust auth); SQLAlchemy 2.1 defaults to psycopg 3, hence the explicit driver.
+PG = "postgresql+psycopg2://root@127.0.0.1:5432"
 
 POSITIVE = ["great", "love", "excellent", "happy", "wonderful", "amazing"]
 NEGATIVE = ["awful", "hate", "terrible", "sad", "horrible", "broken"]
@@ -113,3 +123,65 @@ def sh(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
     res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     assert res.returncode == 0, f"{' '.join(cmd)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
     return res
+
+
+# ---------------------------------------------------------------------------------------------- servers
+
+def free_port() -> int:
+    """A loopback port nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+    """Wait until `url` answers 200; fail with the server's log if it exits or stays silent."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        with contextlib.suppress(OSError):
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        time.sleep(0.5)
+    raise AssertionError(f"{url} did not answer in {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+@contextlib.contextmanager
+def background(cmd: list[str], log: Path, env: dict | None = None) -> Iterator[subprocess.Popen]:
+    """A server process in its own session, output to `log`; the whole group terminated and waited for."""
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        yield proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def post_json(url: str, payload: dict) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        return json.loads(resp.read())
+
+
+@contextlib.contextmanager
+def fresh_pg_database(prefix: str = "tunepipe_reg") -> Iterator[str]:
+    """A new PostgreSQL database with a unique name (its SQLAlchemy URI), dropped afterwards."""
+    import psycopg2
+
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    conn = psycopg2.connect(host="127.0.0.1", port=5432, user="root", dbname="test")
+    conn.autocommit = True
+    try:
+        conn.cursor().execute(f"CREATE DATABASE {name}")
+        yield f"{PG}/{name}"
+    finally:
+        conn.cursor().execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        conn.close()

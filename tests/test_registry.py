@@ -8,13 +8,10 @@ import csv
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +23,17 @@ import pytest
 import yaml
 from sklearn.metrics import accuracy_score, f1_score
 
-from tests.helpers import REPO, synthetic_rows
-from tunepipe import cli
+from tests.helpers import (
+    PG,
+    REPO,
+    background,
+    free_port,
+    fresh_pg_database,
+    post_json,
+    synthetic_rows,
+    wait_http,
+)
+from tunepipe import cli, tracking
 from tunepipe.errors import UserError
 from tunepipe.params import PromoteParams, parse_params
 from tunepipe.registry import decision, locks, promotion
@@ -36,7 +42,6 @@ from tunepipe.tasks import get_task
 
 LABELS = ["negative", "neutral", "positive"]
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
-PG = "postgresql+psycopg2://root@127.0.0.1:5432"  # SQLAlchemy 2.1 defaults to psycopg 3
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
@@ -171,47 +176,6 @@ def reg(store, tmp_path, monkeypatch, capsys) -> Registry:
     monkeypatch.chdir(tmp_path)
     mlflow.set_tracking_uri(store.uri)
     return Registry(store, store.uri, store.experiment_id, tmp_path, capsys)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        time.sleep(0.5)
-    raise AssertionError(f"{url} did not answer in {timeout}s:\n{log.read_text()[-3000:]}")
-
-
-@contextlib.contextmanager
-def background(cmd: list[str], log: Path, env: dict | None = None):
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        yield proc
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
-def post_json(url: str, payload: dict) -> dict:
-    req = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=60) as resp:
-        return json.loads(resp.read())
 
 
 def scored(gold: list[str], pred: list[str]) -> dict[str, float]:
@@ -546,21 +510,6 @@ def test_serve_and_predict_the_champion_registered_by_export(reg, onnx_exports, 
 
 # ---------------------------------------------------------------------------------------------- PostgreSQL
 
-@contextlib.contextmanager
-def fresh_pg_database():
-    import psycopg2
-
-    name = f"tunepipe_reg_{uuid.uuid4().hex[:10]}"
-    conn = psycopg2.connect(host="127.0.0.1", port=5432, user="root", dbname="test")
-    conn.autocommit = True
-    try:
-        conn.cursor().execute(f"CREATE DATABASE {name}")
-        yield f"{PG}/{name}"
-    finally:
-        conn.cursor().execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        conn.close()
-
-
 def test_postgres_advisory_lock_serialises_promotions():
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(f"{PG}/test")  # no MLflow store is opened: the lock only needs the database
@@ -591,6 +540,11 @@ def test_promotion_against_a_tracking_server_with_postgres(tmp_path, monkeypatch
             try:
                 exp = mlflow.MlflowClient().create_experiment("tunepipe")
                 reg = Registry(None, uri, exp, tmp_path, capsys)
+                # --default-artifact-root without --artifacts-destination: each client writes on its own disk.
+                warning = tracking.client_side_artifacts(reg.client, exp)
+                assert warning.startswith(f"warning: tracking.uri: the MLflow server stores this experiment's "
+                                          f"artifacts at {tmp_path / 'artifacts'}")
+                assert "--artifacts-destination" in warning
                 reg.set_promote(significance=0.05)
                 gold = [LABELS[i % 3] for i in range(300)]
                 v1 = reg.add(scored(gold, with_errors(gold, 150)), predictions=with_errors(gold, 150), gold=gold,

@@ -7,9 +7,12 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import re
 import subprocess
+import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from transformers import TrainerCallback
 
@@ -31,6 +34,9 @@ def tracking_uri(t: TrackingParams, root: Path | None = None) -> str:
 
 # One quick try: MLflow's own client retries an unreachable store for minutes, then ends in a traceback.
 REACH_TIMEOUT_S = 5
+# An MLflow server refuses a Host header outside its --allowed-hosts (default: localhost and private IPs), so a
+# team's server reached by a DNS name answers 403 to every request until it is started with that name.
+BAD_HOST = "HTTP 403 Invalid Host header"
 _DB_BACKENDS = ("postgresql", "mysql", "mssql", "oracle")
 
 
@@ -56,17 +62,23 @@ def check_reachable(t: TrackingParams, root: Path | None = None) -> str:
     key = "tracking.uri" if t.uri else "MLFLOW_TRACKING_URI"
     local = ("set tracking.uri: null in params.yaml" if t.uri else "unset MLFLOW_TRACKING_URI") + \
         f" to use the project's local sqlite store ({MLFLOW_DB})"
+    if problem.startswith(BAD_HOST):
+        host = urlsplit(uri).netloc.rsplit("@", 1)[-1]
+        raise UserError(f"{key}: {what} at {shown} refuses the host name {host} ({problem}, MLflow's DNS-rebinding "
+                        f"protection); start the server with --allowed-hosts {host} (comma-separated, `*` "
+                        f"wildcards), or {local}")
     if problem.startswith("HTTP 401") or problem.startswith("HTTP 403"):
         raise UserError(f"{key}: {what} at {shown} refused the request ({problem}); set MLFLOW_TRACKING_USERNAME and "
                         f"MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) for it, or {local}")
     problem = masked(problem)  # a reason quoting the URL must not show its password either
+    if re.match(r"HTTP 5\d\d [A-Z_]+: ", problem):  # an MLflow error from the server, not a proxy's page
+        raise UserError(f"{key}: {what} at {shown} answers but cannot use its backend store ({problem}); check the "
+                        f"server's database and the server's log, or {local}")
     raise UserError(f"{key}: cannot reach {what} at {shown} ({problem}); start it (or fix {key}), or {local}")
 
 
 def _http_problem(uri: str, experiment: str) -> str | None:
     """None if an MLflow server answers at `uri`, else why not, in a few words."""
-    import re
-
     from mlflow.exceptions import MlflowException
     from mlflow.utils.credentials import get_default_host_creds
     from mlflow.utils.rest_utils import http_request
@@ -85,10 +97,20 @@ def _http_problem(uri: str, experiment: str) -> str | None:
             return f"no answer within {REACH_TIMEOUT_S}s"
         found = re.search(r"\[Errno -?\d+\] ([^\"'()\]]+)", text)
         return found.group(1).strip() if found else str(exc).splitlines()[0][:200]
+    if response.status_code == 403 and "Invalid Host header" in response.text:
+        return BAD_HOST
     if response.status_code in (401, 403):
         return f"HTTP {response.status_code}"
-    if response.status_code == 200 or '"error_code"' in response.text:  # MLflow answered (404: no experiment yet)
-        return None
+    try:
+        answer = response.json()
+    except ValueError:
+        answer = None
+    if response.status_code == 200 or isinstance(answer, dict) and "error_code" in answer:
+        if response.status_code < 500:  # MLflow answered (404: no experiment yet)
+            return None
+        # The server is up but its database is not (stopped, dropped, wrong credentials on the server's side).
+        message = (str(answer.get("message") or "").strip().splitlines() or [""])[0][:200]
+        return f"HTTP {response.status_code} {answer['error_code']}: {message}"
     return f"HTTP {response.status_code}, not an MLflow tracking server's answer"
 
 
@@ -138,6 +160,25 @@ def setup(t: TrackingParams, root: Path | None = None) -> str:
         return client.create_experiment(t.experiment, artifact_location=artifacts)
     except mlflow.exceptions.MlflowException:  # created meanwhile by a parallel process
         return client.get_experiment_by_name(t.experiment).experiment_id
+
+
+def client_side_artifacts(client, exp_id: str) -> str | None:
+    """A warning when a tracking server leaves artifacts to each client's own disk.
+
+    A server started with `--default-artifact-root /some/dir` (no --artifacts-destination) gives its experiments a
+    plain path: every client then writes the run's reports and the registered model under that path on its own
+    machine, where teammates and `mlflow models serve` elsewhere cannot read them."""
+    import mlflow
+
+    if urlsplit(mlflow.get_tracking_uri()).scheme not in ("http", "https"):
+        return None
+    location = client.get_experiment(exp_id).artifact_location or ""
+    if urlsplit(location).scheme not in ("", "file"):
+        return None
+    return (f"warning: tracking.uri: the MLflow server stores this experiment's artifacts at {location}, a path this "
+            "machine writes on its own disk: teammates and `mlflow models serve` on other machines will not find the "
+            "model there unless it is storage mounted at the same path everywhere; start the server with "
+            "--artifacts-destination DIR_OR_S3_URI (artifacts go through the server) for new experiments")
 
 
 def _create_sqlite_store(db: Path) -> None:
@@ -219,6 +260,9 @@ def start_training_run(p: Params, run_id: str | None, meta: dict, fp: str, devic
 
     exp_id = setup(p.tracking)
     client = mlflow.MlflowClient()
+    warning = client_side_artifacts(client, exp_id)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     if run_id:
         try:
             client.get_run(run_id)
