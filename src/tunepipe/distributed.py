@@ -127,8 +127,10 @@ def relaunch(module: str, processes: int, what: str) -> int:
     from torch.distributed.run import parse_args, run
 
     if not os.environ.get("TUNEPIPE_DEBUG"):  # the launcher's own warnings and failure report
-        for name in ("torch.distributed.elastic", "torch.distributed.run"):
-            logging.getLogger(name).setLevel(logging.CRITICAL)
+        # torch's elastic loggers each get their own level (LOGLEVEL), so a parent's level would not reach them
+        for name in list(logging.root.manager.loggerDict):
+            if name.startswith("torch.distributed"):
+                logging.getLogger(name).setLevel(logging.CRITICAL)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_process(processes)))
     with tempfile.TemporaryDirectory(prefix="tunepipe-ranks-") as logs:
         others = ",".join(f"{r}:3" for r in range(1, processes))  # 3: stdout and stderr to files
@@ -138,9 +140,7 @@ def relaunch(module: str, processes: int, what: str) -> int:
             run(parse_args(args))
         except ChildFailedError as exc:
             return _report_failure(exc, what, Path(logs))
-        except SignalException as exc:  # Ctrl-C or SIGTERM to this process: torchrun stopped the others
-            print("interrupted" if exc.sigval == signal.SIGINT else f"terminated ({exc.sigval.name})",
-                  file=sys.stderr)
+        except SignalException as exc:  # Ctrl-C or SIGTERM: torchrun stopped the processes, and rank 0 said so
             return 128 + int(exc.sigval)
     return 0
 
