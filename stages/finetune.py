@@ -7,6 +7,7 @@ checkpoint on the next `dvc repro`, as long as params and data are unchanged (el
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import time
@@ -81,8 +82,9 @@ def train(p) -> None:
         if processes > 1 and distributed.lost_peer(exc):
             # The launcher names the process that died; this one's traceback would say nothing more.
             print(f"finetune: rank {distributed.rank()}: lost contact with the other training processes",
-                  file=sys.stderr)
-            sys.exit(1)
+                  file=sys.stderr, flush=True)
+            # Now: exit handlers would still be running when torchrun's SIGTERM comes, and print a traceback.
+            os._exit(distributed.LOST_CONTACT)
         raise
     # Every process has loaded the best model from the checkpoints; rank 0 deletes them at the end.
     distributed.barrier()

@@ -147,11 +147,19 @@ def relaunch(module: str, processes: int, what: str) -> int:
 
 # A process that exits like this has already said why (a UserError's line, an interrupt): nothing to add.
 _SAID = (2, 130, 143)
+# A process that lost the others (a collective failed) exits with this: a consequence, not the cause.
+LOST_CONTACT = 3
 
 
 def _report_failure(exc, what: str, logs: Path) -> int:
-    # The root cause: a process killed by a signal, else the first to fail (the others fail on losing it).
-    failures = sorted(exc.failures.items(), key=lambda rf: (rf[1].exitcode >= 0, rf[1].timestamp))
+    # The root cause: a process killed by a signal (not torchrun's SIGTERM to the others), else one that failed on its
+    # own, else the first (the others fail on losing it; timestamps are whole seconds).
+    def cause(item) -> tuple[int, int]:
+        code = item[1].exitcode
+        return (0 if code < 0 and -code not in (signal.SIGTERM, signal.SIGINT) else 1 if code not in _SAID + (
+            LOST_CONTACT, -signal.SIGTERM, -signal.SIGINT) else 2, item[1].timestamp)
+
+    failures = sorted(exc.failures.items(), key=cause)
     failed_rank, failure = failures[0]
     code = failure.exitcode
     if code in _SAID:
