@@ -7,14 +7,16 @@ checkpoint on the next `dvc repro`, as long as params and data are unchanged (el
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import datasets
 import mlflow
 
-from tunepipe import tracking
+from tunepipe import distributed, tracking
 from tunepipe.errors import run_main
 from tunepipe.files import atomic_dir, read_json, write_csv, write_json
 from tunepipe.modeling import cpu_bf16_speedup, device_name, merge_for_export, pick_precision
@@ -29,6 +31,19 @@ from tunepipe.training import build_trainer, class_weights, fingerprint, history
 def main() -> None:
     datasets.disable_caching()  # cache files would land inside upstream outputs and dirty them for DVC
     p = load_params()
+    nproc = distributed.requested_processes()
+    if nproc > 1 and not distributed.launched():  # TUNEPIPE_NPROC: this stage again, as nproc processes
+        distributed.per_device_batch(p.finetune.batch_size, nproc)  # its error once, from here
+        sys.exit(distributed.relaunch("stages.finetune", nproc, "finetune"))
+    distributed.init()
+    train(p)
+    distributed.finish()  # not on an error: the group may be gone, and the process exits anyway
+
+
+def train(p) -> None:
+    """Every process trains; rank 0 alone decides (resume, precision, MLflow run) and writes."""
+    main_rank, processes = distributed.is_main(), distributed.world_size()
+    per_device = distributed.per_device_batch(p.finetune.batch_size, processes)
     tracking.check_reachable(p.tracking)  # before training, not after it
     metric = get_task(p.task).headline_metric
     meta = read_json(PREPARED_META)
@@ -36,23 +51,53 @@ def main() -> None:
     dsd = datasets.load_from_disk(str(AUGMENTED))
     fp = fingerprint(p, meta["data_hash"])
     weights = class_weights(p, dsd["train"], labels)  # a label finetune.class_weights names wrongly stops here
-    device, precision = device_name(), pick_precision(p.finetune.precision)
 
-    resume_from, run_id = resumable_checkpoint(CHECKPOINTS, fp)
-    if resume_from is None:
-        shutil.rmtree(CHECKPOINTS, ignore_errors=True)
-    CHECKPOINTS.mkdir(parents=True, exist_ok=True)
-    run_id = tracking.start_training_run(p, run_id, meta, fp, device, precision)
-    write_json(CHECKPOINTS / "state.json", {"fingerprint": fp, "run_id": run_id, "status": "running"})
-    # Why `auto` chose: on a CPU with native bf16 instructions, a measured matmul decides (modeling.py).
-    bf16_speedup = cpu_bf16_speedup() if p.finetune.precision == "auto" and device.startswith("cpu") else None
-    say(f"finetune: {device}, precision {precision} (finetune.precision: {p.finetune.precision})"
-        + (f", bf16 matmul {bf16_speedup}x fp32 here" if bf16_speedup else "") + f", MLflow run {run_id}"
-        + (f", resuming from {resume_from}" if resume_from else ""))
+    decided = None
+    if main_rank:
+        device, precision = device_name(), pick_precision(p.finetune.precision)
+        resume_from, run_id = resumable_checkpoint(CHECKPOINTS, fp)
+        if resume_from is None:
+            shutil.rmtree(CHECKPOINTS, ignore_errors=True)
+        CHECKPOINTS.mkdir(parents=True, exist_ok=True)
+        run_id = tracking.start_training_run(p, run_id, meta, fp, device, precision)
+        write_json(CHECKPOINTS / "state.json", {"fingerprint": fp, "run_id": run_id, "status": "running"})
+        # Why `auto` chose: on a CPU with native bf16 instructions, a measured matmul decides (modeling.py).
+        bf16_speedup = cpu_bf16_speedup() if p.finetune.precision == "auto" and device.startswith("cpu") else None
+        decided = device, precision, resume_from, run_id, bf16_speedup
+    # The other processes take rank 0's choices: `auto` precision measures a matmul, which could come out
+    # differently in each process.
+    device, precision, resume_from, run_id, bf16_speedup = distributed.from_main(decided)
+    batch = (f", batch {p.finetune.batch_size} = {processes} processes x {per_device} per device"
+             if processes > 1 else "")
+    if main_rank:
+        say(f"finetune: {device}, precision {precision} (finetune.precision: {p.finetune.precision})"
+            + (f", bf16 matmul {bf16_speedup}x fp32 here" if bf16_speedup else "") + batch + f", MLflow run {run_id}"
+            + (f", resuming from {resume_from}" if resume_from else ""))
 
-    trainer = build_trainer(p, dsd, labels, str(CHECKPOINTS), [tracking.MlflowMetricsCallback(run_id)])
-    result = trainer.train(resume_from_checkpoint=resume_from)
+    callbacks = [tracking.MlflowMetricsCallback(run_id)] if main_rank else []
+    trainer = build_trainer(p, dsd, labels, str(CHECKPOINTS), callbacks, precision=precision)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume_from)
+    except Exception as exc:
+        if processes > 1 and distributed.lost_peer(exc):
+            # The launcher names the process that died; this one's traceback would say nothing more.
+            print(f"finetune: rank {distributed.rank()}: lost contact with the other training processes",
+                  file=sys.stderr, flush=True)
+            # Now: exit handlers would still be running when torchrun's SIGTERM comes, and print a traceback.
+            os._exit(distributed.LOST_CONTACT)
+        raise
+    # Every process has loaded the best model from the checkpoints; rank 0 deletes them at the end.
+    distributed.barrier()
+    extra = get_task(p.task).trained_metadata(trainer, dsd, labels, p)  # e.g. thresholds tuned on validation
+    if main_rank:
+        save(p, trainer, result, meta, labels, fp, weights, metric, run_id, resume_from, device, precision,
+             bf16_speedup, extra)
 
+
+def save(p, trainer, result, meta: dict, labels: list[str], fp: str, weights: list[float] | None, metric: str,
+         run_id: str, resume_from: str | None, device: str, precision: str, bf16_speedup: float | None,
+         extra: dict) -> None:
+    """Rank 0: the model, its metadata, the report and plots; the MLflow run's metrics and artifacts."""
     best = trainer.state.best_metric
     runtime = result.metrics["train_runtime"]
     summary = {
@@ -67,12 +112,17 @@ def main() -> None:
         "device": device,
         "precision": precision,
         "precision_requested": p.finetune.precision,
+        # finetune.batch_size is the global batch: per device x processes x gradient accumulation
+        "processes": trainer.args.world_size,
+        "per_device_batch_size": trainer.args.per_device_train_batch_size,
+        "gradient_accumulation_steps": trainer.args.gradient_accumulation_steps,
+        "effective_batch_size": trainer.args.per_device_train_batch_size * trainer.args.world_size
+        * trainer.args.gradient_accumulation_steps,
         "cpu_bf16_matmul_speedup": bf16_speedup,
         # finetune.class_weights as applied: {label: loss weight}, None = unweighted
         "class_weights": dict(zip(labels, (round(w, 6) for w in weights), strict=True)) if weights else None,
         "adversarial": adversarial_info(p),
     }
-    extra = get_task(p.task).trained_metadata(trainer, dsd, labels, p)  # e.g. thresholds tuned on validation
     model = merge_for_export(trainer.model)
     with atomic_dir(MODEL) as tmp:
         model.save_pretrained(tmp)  # safetensors
@@ -95,6 +145,7 @@ def main() -> None:
     client.log_artifact(run_id, str(PLOTS / "training_curves.png"), "plots")
     if weights:  # the param says `balanced`; the tag says what that came to on this data
         client.set_tag(run_id, "tunepipe.class_weights", json.dumps(summary["class_weights"]))
+    client.set_tag(run_id, "tunepipe.processes", str(summary["processes"]))  # a tag: a resume may use another count
     # The run is done once training is; checkpoints are not needed any more (the best model is saved).
     for ckpt in CHECKPOINTS.glob("checkpoint-*"):
         shutil.rmtree(ckpt, ignore_errors=True)

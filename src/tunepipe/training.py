@@ -18,6 +18,7 @@ import transformers
 from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
+from tunepipe import distributed
 from tunepipe.errors import UserError
 from tunepipe.files import read_json
 from tunepipe.modeling import build_model, load_tokenizer, pick_precision
@@ -28,12 +29,13 @@ from tunepipe.tasks import get_task
 
 def training_arguments(p: Params, metric: str, output_dir: str, precision: str, save_checkpoints: bool = True
                        ) -> TrainingArguments:
-    """save_checkpoints=False (sweep trials): no checkpoint writes; best_metric and early stopping still work."""
+    """save_checkpoints=False (sweep trials): no checkpoint writes; best_metric and early stopping still work.
+    Under a distributed launch finetune.batch_size is the global batch, each process taking an equal share."""
     ft = p.finetune
     return TrainingArguments(
         output_dir=output_dir,
         learning_rate=ft.learning_rate,
-        per_device_train_batch_size=ft.batch_size,
+        per_device_train_batch_size=distributed.per_device_batch(ft.batch_size, distributed.world_size()),
         per_device_eval_batch_size=max(ft.batch_size, 64),
         num_train_epochs=ft.epochs,
         max_steps=ft.max_steps or -1,
@@ -64,6 +66,10 @@ def training_arguments(p: Params, metric: str, output_dir: str, precision: str, 
         disable_tqdm=True,
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
+        ddp_backend=distributed.ddp_backend(),
+        # Every parameter that trains is used in each step (the task heads, LoRA's adapters): DDP need not search
+        # the graph for unused ones every step (Trainer's default for a model does, and warns that it found none).
+        ddp_find_unused_parameters=False,
     )
 
 
@@ -97,15 +103,17 @@ def balanced_weights(counts: np.ndarray) -> list[float]:
 
 
 def build_trainer(p: Params, dsd: datasets.DatasetDict, labels: list[str], output_dir: str,
-                  callbacks: list[TrainerCallback] = (), save_checkpoints: bool = True) -> Trainer:
+                  callbacks: list[TrainerCallback] = (), save_checkpoints: bool = True,
+                  precision: str | None = None) -> Trainer:
     """The task (params' `task`) gives the head, the collator, the validation metrics and the loss with
-    finetune.class_weights; the rest is shared."""
+    finetune.class_weights; the rest is shared. `precision`: as chosen already (by rank 0 of a distributed run,
+    so that all processes agree), else picked here from finetune.precision."""
     task = get_task(p.task)
     weights = class_weights(p, dsd["train"], labels)
     transformers.set_seed(p.finetune.seed)  # the fresh head's init depends on it too
     tokenizer = load_tokenizer(p.model.name)
     model = build_model(p.model.name, labels, p.finetune, task, pad_token_id=tokenizer.pad_token_id)
-    precision = pick_precision(p.finetune.precision)
+    precision = precision or pick_precision(p.finetune.precision)
     trainer = _Trainer(
         model=model,
         args=training_arguments(p, task.headline_metric, output_dir, precision, save_checkpoints),
@@ -221,6 +229,8 @@ class _Trainer(Trainer):
     def _perturbation_grad(self, model, inputs, num_items_in_batch, delta: torch.Tensor) -> torch.Tensor:
         """d loss / d delta, leaving the parameters' gradients as they are."""
         inputs = self._prepare_inputs(inputs)
+        # Past DDP's wrapper: a forward through it expects a backward (gradient sync), and this pass has none.
+        model = self.accelerator.unwrap_model(model)
         with self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
         scaler = getattr(self.accelerator, "scaler", None)  # fp16: scaled as the backward is, against underflow

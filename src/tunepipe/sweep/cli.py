@@ -13,6 +13,7 @@ from pathlib import Path
 
 import optuna
 
+from tunepipe import distributed
 from tunepipe.errors import UserError, masked
 from tunepipe.files import read_json
 from tunepipe.params import Params, SweepParams, load_params
@@ -40,6 +41,14 @@ from tunepipe.sweep.study import (
 )
 
 # ---- command ----
+
+def check_one_process() -> None:
+    """A trial trains in one process: each process of a distributed launch would run its own trials, with other
+    values, in a group that syncs gradients. N processes serve a sweep better as N workers on one study."""
+    if distributed.requested_processes() > 1 or distributed.world_size() > 1:
+        raise UserError(f"{distributed.NPROC_ENV} / torchrun: a sweep trial trains in one process; to use several "
+                        f"processes, start that many `tunepipe sweep` workers on one study instead (README: Sweeps, "
+                        f"Scale out), with {distributed.NPROC_ENV} unset")
 
 def add_parser(sub) -> None:
     sp = sub.add_parser("sweep", help="tune learning rate, batch size, dropout (and adversarial training) with Optuna",
@@ -70,6 +79,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     p = load_params(args.params)
     sw, url = effective_sweep(p, args)
+    check_one_process()
     if args.action == "apply":
         storage = open_storage(url, sw.heartbeat_interval)
         try:
