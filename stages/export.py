@@ -23,7 +23,6 @@ from tunepipe.params import load_params
 from tunepipe.paths import CALIBRATION, EXPORT, EXPORT_META, EXPORT_REPORT, METRICS, MODEL, TOKENIZED
 from tunepipe.progress import say
 from tunepipe.serving import EXPLAIN_CODE, PYFUNC_CODE
-from tunepipe.serving.pyfunc_model import SERVE_CODE, probabilities  # the served code itself
 
 
 def main() -> None:
@@ -47,7 +46,7 @@ def main() -> None:
     cal = calibrator(task.calibrator)
     # Parity covers what is served: tunepipe's calibrated probabilities of the PyTorch logits (what evaluate
     # scored) against the served code's probabilities of the ONNX logits.
-    calibrated = (lambda z: cal.probabilities(z, meta["temperature"]), lambda z: probabilities(meta, z))
+    calibrated = (lambda z: cal.probabilities(z, meta["temperature"]), lambda z: served_probabilities(meta, z))
 
     t0 = time.time()
     with atomic_dir(EXPORT) as tmp:
@@ -70,7 +69,7 @@ def main() -> None:
                             f"{p.export.parity_tolerance:g}; nothing was exported")
         tokenizer.save_pretrained(tmp)
         shutil.copy(MODEL / "config.json", tmp / "config.json")
-        shutil.copy(task.serve_code, tmp / SERVE_CODE)  # the task's output code travels with the model
+        shutil.copy(task.serve_code, tmp / served_code_name())  # the task's output code travels with the model
         write_json(tmp / EXPORT_META, meta)
         report["export_seconds"] = round(time.time() - t0, 1)
         # The exporter may keep weights in an external-data file beside model.onnx.
@@ -98,6 +97,19 @@ def stored_temperature() -> float | list[float]:
     if not CALIBRATION.is_file():
         raise UserError(f"export: {CALIBRATION} not found (evaluate writes it); run `dvc repro evaluate` first")
     return read_json(CALIBRATION)["temperature"]
+
+
+def served_probabilities(meta: dict, logits):
+    # Imported here, once the libraries are quieted: MLflow warns when the served PythonModel class is defined.
+    from tunepipe.serving.pyfunc_model import probabilities  # the served code itself
+
+    return probabilities(meta, logits)
+
+
+def served_code_name() -> str:
+    from tunepipe.serving.pyfunc_model import SERVE_CODE
+
+    return SERVE_CODE
 
 
 if __name__ == "__main__":

@@ -253,7 +253,7 @@ def test_evaluate_writes_calibration_and_export_serves_it(project, monkeypatch):
 
     # A served side that drops the temperature is refused, and nothing is exported.
     (root / "reports/calibration.json").write_text(json.dumps({**record, "temperature": 4.0}))
-    monkeypatch.setattr(export, "probabilities", lambda meta, z: softmax(z))
+    monkeypatch.setattr(export, "served_probabilities", lambda meta, z: softmax(z))
     with pytest.raises(UserError, match="served calibrated probabilities .* export.parity_tolerance"):
         export.main()
     assert not (root / "models/onnx").exists()
