@@ -1,6 +1,6 @@
 """Stage finetune: train the task's head (and the encoder, or LoRA adapters) with HF Trainer; log to MLflow.
 
-Checkpoints go to models/checkpoints (git-ignored, not a DVC out): a run killed mid-epoch resumes from its last
+Checkpoints go to models/checkpoints (a persistent DVC out): a run killed mid-epoch resumes from its last
 checkpoint on the next `dvc repro`, as long as params and data are unchanged (else it starts over).
 """
 

@@ -5,7 +5,6 @@ dvc.yaml declares the same paths as deps and outs; keep the two in step.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 PARAMS_FILE = Path("params.yaml")
@@ -42,17 +41,3 @@ SWEEP_REPORTS = REPORTS / "sweep"
 MLFLOW_DB = "mlflow.db"
 MLFLOW_ARTIFACTS = "mlartifacts"
 OPTUNA_DB = "optuna.db"
-
-
-def project_root() -> Path:
-    """Where the project's own stores (MLFLOW_DB, MLFLOW_ARTIFACTS, OPTUNA_DB) live: the working directory, except
-    inside a DVC experiment's temporary copy (`dvc exp run --queue`/`--temp` run stages in
-    `<project>/.dvc/tmp/exps/<tmp>/` and set DVC_ROOT to the project): there the copy is thrown away after the
-    run, so its runs and registry versions belong to the project's store instead."""
-    cwd = Path.cwd().resolve()
-    root = os.environ.get("DVC_ROOT")
-    if root:
-        parent = Path(root).resolve()
-        if cwd.is_relative_to(parent / ".dvc" / "tmp" / "exps"):
-            return parent
-    return cwd

@@ -10,7 +10,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -19,28 +18,18 @@ from transformers import TrainerCallback
 
 from tunepipe.errors import UserError, masked
 from tunepipe.params import Params, TrackingParams
-from tunepipe.paths import MLFLOW_ARTIFACTS, MLFLOW_DB, project_root
+from tunepipe.paths import MLFLOW_ARTIFACTS, MLFLOW_DB
 from tunepipe.serving import EXPLAIN_CODE, PYFUNC_CODE
 from tunepipe.tasks import get_task
 
 
 def tracking_uri(t: TrackingParams, root: Path | None = None) -> str:
-    """params > $MLFLOW_TRACKING_URI > an embedded sqlite database in the project (registry included); queued DVC
-    experiments, which run in temporary copies, use the project's database too (paths.project_root)."""
+    """params > $MLFLOW_TRACKING_URI > an embedded sqlite database in the project (registry included)."""
     if t.uri:
         return t.uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{((root or project_root()) / MLFLOW_DB).resolve()}"
-
-
-def dvc_experiment() -> str | None:
-    """The DVC experiment this stage runs for (`dvc exp run`, queued or not), so its MLflow run and registry version
-    can be told apart and matched with `dvc exp show`'s rows; None under plain `dvc repro`."""
-    return os.environ.get("DVC_EXP_NAME") or None
-
-
-EXPERIMENT_TAG = "dvc_experiment"  # on runs as tunepipe.dvc_experiment, on registry versions as is
+    return f"sqlite:///{((root or Path.cwd()) / MLFLOW_DB).resolve()}"
 
 
 # One quick try: MLflow's own client retries an unreachable store for minutes, then ends in a traceback.
@@ -153,25 +142,11 @@ def setup(t: TrackingParams, root: Path | None = None) -> str:
     # a stage waiting for minutes; these fail within about a minute. Set the variables to override them.
     for var, value in HTTP_RETRIES.items():
         os.environ.setdefault(var, value)
-    uri = check_reachable(t, root)
-    if not uri.startswith("sqlite:"):
-        return _setup_experiment(t, uri, root)
-    # Processes on one machine that share a sqlite store (sweep workers, `dvc queue start --jobs N`) take turns at
-    # its first use: MLflow's schema creation and experiment creation are not safe to run twice at once.
-    from filelock import FileLock
-    from sqlalchemy.engine import make_url
-
-    db = Path(make_url(uri).database or MLFLOW_DB).resolve()
-    key = hashlib.sha1(str(db).encode()).hexdigest()[:16]
-    with FileLock(Path(tempfile.gettempdir()) / f"tunepipe-mlflow-{key}.lock"):
-        if uri.startswith("sqlite:///"):
-            _create_sqlite_store(db)
-        return _setup_experiment(t, uri, root)
-
-
-def _setup_experiment(t: TrackingParams, uri: str, root: Path | None) -> str:
     import mlflow
 
+    uri = check_reachable(t, root)
+    if uri.startswith("sqlite:///"):
+        _create_sqlite_store(Path(uri.removeprefix("sqlite:///")))
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient()
     exp = client.get_experiment_by_name(t.experiment)
@@ -180,7 +155,7 @@ def _setup_experiment(t: TrackingParams, uri: str, root: Path | None) -> str:
     artifacts = None
     if tracking_uri(t, root).startswith("sqlite:"):
         # Keep artifacts beside the database, not in whatever directory the process started in.
-        artifacts = ((root or project_root()) / MLFLOW_ARTIFACTS).resolve().as_uri()
+        artifacts = ((root or Path.cwd()) / MLFLOW_ARTIFACTS).resolve().as_uri()
     try:
         return client.create_experiment(t.experiment, artifact_location=artifacts)
     except mlflow.exceptions.MlflowException:  # created meanwhile by a parallel process
@@ -294,7 +269,6 @@ def start_training_run(p: Params, run_id: str | None, meta: dict, fp: str, devic
             return run_id
         except mlflow.exceptions.MlflowException:
             pass  # the tracking store was reset meanwhile: start a new run
-    exp_name = dvc_experiment()
     run = client.create_run(exp_id, tags={
         "tunepipe.git_commit": git_commit() or "unknown",
         "tunepipe.data_hash": meta["data_hash"],
@@ -303,8 +277,7 @@ def start_training_run(p: Params, run_id: str | None, meta: dict, fp: str, devic
         "tunepipe.task": p.task,
         "tunepipe.device": device,
         "tunepipe.precision": precision,
-        "mlflow.runName": exp_name or f"repro-{time.strftime('%Y%m%d-%H%M%S')}",
-        **({f"tunepipe.{EXPERIMENT_TAG}": exp_name} if exp_name else {}),
+        "mlflow.runName": f"repro-{time.strftime('%Y%m%d-%H%M%S')}",
     })
     client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, v[:6000])
                                               for k, v in flat_params(p).items()])
@@ -390,7 +363,6 @@ def register(p: Params, run_id: str, onnx_dir: Path, info: dict, metrics: dict, 
         "metrics": json.dumps({k: v for k, v in metrics.items() if isinstance(v, int | float)}, sort_keys=True),
         "headline_metric": get_task(info["task"]).headline_metric,
         **{f"metric.{k}": repr(float(v)) for k, v in metrics.items() if isinstance(v, int | float)},
-        **({EXPERIMENT_TAG: dvc_experiment()} if dvc_experiment() else {}),
     }
     setup(p.tracking)
     client = mlflow.MlflowClient()
