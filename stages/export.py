@@ -28,6 +28,8 @@ from tunepipe.serving import EXPLAIN_CODE, PYFUNC_CODE
 def main() -> None:
     import onnxruntime as ort
 
+    from tunepipe.serving.pyfunc_model import SERVE_CODE  # here, once the libraries are quieted (see below)
+
     datasets.disable_caching()  # cache files would land inside upstream outputs and dirty them for DVC
     p = load_params()
     tracking.check_reachable(p.tracking)  # before exporting, not at registration
@@ -69,7 +71,7 @@ def main() -> None:
                             f"{p.export.parity_tolerance:g}; nothing was exported")
         tokenizer.save_pretrained(tmp)
         shutil.copy(MODEL / "config.json", tmp / "config.json")
-        shutil.copy(task.serve_code, tmp / served_code_name())  # the task's output code travels with the model
+        shutil.copy(task.serve_code, tmp / SERVE_CODE)  # the task's output code travels with the model
         write_json(tmp / EXPORT_META, meta)
         report["export_seconds"] = round(time.time() - t0, 1)
         # The exporter may keep weights in an external-data file beside model.onnx.
@@ -104,12 +106,6 @@ def served_probabilities(meta: dict, logits):
     from tunepipe.serving.pyfunc_model import probabilities  # the served code itself
 
     return probabilities(meta, logits)
-
-
-def served_code_name() -> str:
-    from tunepipe.serving.pyfunc_model import SERVE_CODE
-
-    return SERVE_CODE
 
 
 if __name__ == "__main__":
