@@ -222,6 +222,21 @@ def test_thresholds_are_tuned_per_label():
     assert ((probs >= th[:2]) == y).all()  # each label separated at its own threshold
 
 
+def test_validation_metric_scores_at_the_thresholds_the_model_would_get():
+    """A sigmoid head early in training: every probability under 0.5, but ranked right. At a plain 0.5 its
+    validation micro-F1 is 0, so early stopping would end the run at its first checkpoint; at the tuned thresholds
+    (multilabel.threshold: tune) it is perfect, and a fixed threshold is taken as set."""
+    rng = np.random.default_rng(0)
+    y = (rng.random((200, 3)) < 0.2).astype(np.float32)
+    logits = np.log(np.where(y > 0, 0.3, 0.1) / (1 - np.where(y > 0, 0.3, 0.1)))  # sigmoid: 0.3 / 0.1
+    assert mmetrics.compute_metrics(["a", "b", "c"], "tune")((logits, y))["micro_f1"] == 1.0
+    assert mmetrics.compute_metrics(["a", "b", "c"], 0.5)((logits, y))["micro_f1"] == 0.0
+    assert mmetrics.compute_metrics(["a", "b", "c"], 0.2)((logits, y))["micro_f1"] == 1.0
+    task = get_task("multilabel")
+    tune = task.validation_metrics(["a", "b", "c"], None, parse_params({"task": "multilabel"}))
+    assert tune((logits, y))["micro_f1"] == 1.0  # the default, multilabel.threshold: tune
+
+
 def test_paired_tests_on_label_sets():
     gold = [["a"], ["a", "b"], ["c"], ["b"]] * 30
     better = gold[:100] + [[]] * 20

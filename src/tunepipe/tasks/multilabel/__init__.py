@@ -23,6 +23,9 @@ class Multilabel(Task):
 
         return DataCollatorWithPadding(tokenizer)  # labels: one float 0/1 vector per text
 
+    def validation_metrics(self, labels, validation, p):
+        return self.part("metrics").compute_metrics(labels, p.multilabel.threshold)
+
     def scored_positions(self, batch):
         return slice(None)  # one logit vector per text
 

@@ -1,5 +1,5 @@
-"""Multi-label metrics: Trainer's validation metrics (at 0.5), decision thresholds tuned per label on validation,
-the test summary (metrics.json) and promotion's paired tests on per-example label sets."""
+"""Multi-label metrics: Trainer's validation metrics (at the thresholds the model would get), decision thresholds
+tuned per label on validation, the test summary (metrics.json) and promotion's paired tests on label sets."""
 
 from __future__ import annotations
 
@@ -20,12 +20,17 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))
 
 
-def compute_metrics(labels: list[str]):
-    """Trainer compute_metrics: micro- and macro-F1 over the validation split at the plain 0.5 threshold."""
+def compute_metrics(labels: list[str], mode: str | float = 0.5):
+    """Trainer compute_metrics: micro- and macro-F1 over the validation split at the thresholds the model would be
+    saved with if training stopped here (multilabel.threshold: tuned on these predictions, or the fixed number).
+    At a plain 0.5 a sigmoid head scores 0 for hundreds of steps while it learns (every probability still near its
+    label's frequency): early stopping would end the run and keep its first checkpoint (seen on GoEmotions)."""
 
     def compute(eval_pred) -> dict[str, float]:
         logits, label_ids = eval_pred
-        y, pred = np.asarray(label_ids) >= 0.5, sigmoid(logits) >= 0.5
+        y, probs = np.asarray(label_ids) >= 0.5, sigmoid(logits)
+        th = tune_thresholds(probs, y) if mode == "tune" else np.full(y.shape[1], float(mode))
+        pred = probs >= th[None, :]
         return {"micro_f1": float(f1_score(y, pred, average="micro", zero_division=0)),
                 "macro_f1": float(f1_score(y, pred, average="macro", zero_division=0))}
 
