@@ -1,5 +1,6 @@
 """finetune on 2 CPU processes (DDP, gloo) with the tiny model: TUNEPIPE_NPROC=2 through `dvc repro`, a kill -9 of
-one process then a resumed re-run, and the one-line errors of a bad process count or an indivisible batch."""
+one process then a resumed re-run, a sweep whose trials each train on 2 processes, and the one-line errors of a bad
+process count or an indivisible batch."""
 
 from __future__ import annotations
 
@@ -151,11 +152,37 @@ def test_a_batch_that_does_not_divide_among_the_processes_is_one_line(project):
         "evenly); make it a multiple of 2, or change the process count (TUNEPIPE_NPROC or the launcher's)"]
 
 
-def test_a_sweep_refuses_several_processes(project):
-    root = project(30)
+@pytest.mark.slow
+def test_a_sweep_trains_each_trial_on_two_processes(project):
+    root = project(150, **LEARNS, **{"sweep.batch_size": [16], "sweep.pruner": "none",
+                                     "sweep.learning_rate": [5e-3, 2e-2], "sweep.trials": 2})
+    prepare.main()
+    tokenize.main()
+    augment.main()
+    res = subprocess.run([sys.executable, "-m", "tunepipe.cli", "sweep", "--no-repro", "--apply"], cwd=root,
+                         env=_env(TUNEPIPE_NPROC="2"), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "Traceback" not in res.stderr, res.stderr[-3000:]
+    # Rank 0 alone speaks: one start line and one summary line.
+    assert res.stdout.count("sweep: study 'tunepipe-sweep' created") == 1, res.stdout
+    assert res.stdout.count("sweep: 2 complete, 0 pruned, 0 failed (2 run here") == 1, res.stdout
+    summary = json.loads((root / "reports/sweep/summary.json").read_text())
+    assert summary["trials"]["complete"] == 2 and summary["best"]["value"] > 0.5  # chance is 0.33
+    runs = _runs(root)
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
+    assert len(runs) == 3 and len(trials) == 2  # one parent run, one run per trial: rank 0 alone logs
+    assert {r.data.tags["tunepipe.processes"] for r in runs} == {"2"}
+    # Each trial trained as one DDP group for all its 8 epochs (8 steps each at a global batch of 16).
+    assert all(r.data.metrics["epochs_run"] == 8.0 for r in trials)
+    assert yaml.safe_load((root / "params.yaml").read_text())["finetune"]["learning_rate"] == \
+        summary["best"]["params"]["learning_rate"]  # --apply ran once, on rank 0
+
+
+def test_a_sweep_batch_that_does_not_divide_among_the_processes_is_one_line(project):
+    root = project(30, **{"sweep.batch_size": [16, 15, 25]})
     res = subprocess.run([sys.executable, "-m", "tunepipe.cli", "sweep", "--no-repro"], cwd=root,
                          env=_env(TUNEPIPE_NPROC="2"), capture_output=True, text=True, timeout=120)
     assert res.returncode == 2
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: TUNEPIPE_NPROC / torchrun: a sweep trial trains in one "
-                                                   "process"), res.stderr
+    assert res.stderr.strip().splitlines() == [
+        "error: sweep.batch_size: 15, 25 does not divide among 2 training processes (a trial's batch is the global "
+        "batch, split evenly); make every choice a multiple of 2, or change the process count (TUNEPIPE_NPROC)"]

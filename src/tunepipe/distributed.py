@@ -116,8 +116,9 @@ def threads_per_process(processes: int) -> int:
     return max(1, cores // processes)
 
 
-def relaunch(module: str, processes: int, what: str) -> int:
-    """Run `python -m module` as `processes` processes on this node under torchrun; the exit status to end with.
+def relaunch(module: str, processes: int, what: str, args: list[str] = ()) -> int:
+    """Run `python -m module *args` as `processes` processes on this node under torchrun; the exit status to end
+    with.
 
     Only rank 0's output reaches the console (the others' goes to log files, shown when one of them fails on its
     own). When a process dies, torchrun stops the others; instead of its report (a traceback and a table) this
@@ -135,7 +136,7 @@ def relaunch(module: str, processes: int, what: str) -> int:
     with tempfile.TemporaryDirectory(prefix="tunepipe-ranks-") as logs:
         others = ",".join(f"{r}:3" for r in range(1, processes))  # 3: stdout and stderr to files
         args = ["--standalone", f"--nproc-per-node={processes}", f"--log-dir={logs}",
-                *([f"--redirects={others}"] if others else []), "-m", module]
+                *([f"--redirects={others}"] if others else []), "-m", module, *args]
         try:
             run(parse_args(args))
         except ChildFailedError as exc:
@@ -149,6 +150,13 @@ def relaunch(module: str, processes: int, what: str) -> int:
 _SAID = (2, 130, 143)
 # A process that lost the others (a collective failed) exits with this: a consequence, not the cause.
 LOST_CONTACT = 3
+
+
+# What a re-run does, by command.
+AGAIN = {"finetune": "Run it again (`dvc repro`): it resumes from the last checkpoint in models/checkpoints, if one "
+                     "was saved",
+         "sweep": "Run it again (`tunepipe sweep`): the study goes on, the interrupted trial runs again once its "
+                  "heartbeat is stale"}
 
 
 def _report_failure(exc, what: str, logs: Path) -> int:
@@ -175,7 +183,5 @@ def _report_failure(exc, what: str, logs: Path) -> int:
             for err in logs.glob(f"*/attempt_*/{failure.local_rank}/stderr.log"):
                 sys.stderr.write("".join(err.read_text(errors="replace").splitlines(keepends=True)[-15:]))
     print(f"error: {what}: training process rank {failed_rank} (pid {failure.pid}) {how}; the other processes were "
-          f"stopped. Run it again (`dvc repro`): it resumes from the last checkpoint in models/checkpoints, if one "
-          "was saved",
-          file=sys.stderr)
+          f"stopped. {AGAIN.get(what, AGAIN['finetune'])}", file=sys.stderr)
     return 1

@@ -16,6 +16,7 @@ import optuna
 from tunepipe import distributed
 from tunepipe.errors import UserError, masked
 from tunepipe.files import read_json
+from tunepipe.modeling import pick_precision
 from tunepipe.params import Params, SweepParams, load_params
 from tunepipe.paths import AUGMENTED, PARAMS_FILE, PREPARED_META, SWEEP_REPORTS
 from tunepipe.sweep.apply import _apply
@@ -26,6 +27,7 @@ from tunepipe.sweep.runner import (
     _requeue_interrupted,
     _setup_tracking,
     close_dead_runs,
+    follow_trials,
     run_trials,
 )
 from tunepipe.sweep.study import (
@@ -42,13 +44,14 @@ from tunepipe.sweep.study import (
 
 # ---- command ----
 
-def check_one_process() -> None:
-    """A trial trains in one process: each process of a distributed launch would run its own trials, with other
-    values, in a group that syncs gradients. N processes serve a sweep better as N workers on one study."""
-    if distributed.requested_processes() > 1 or distributed.world_size() > 1:
-        raise UserError(f"{distributed.NPROC_ENV} / torchrun: a sweep trial trains in one process; to use several "
-                        f"processes, start that many `tunepipe sweep` workers on one study instead (README: Sweeps, "
-                        f"Scale out), with {distributed.NPROC_ENV} unset")
+def check_divisible(sw: SweepParams, processes: int) -> None:
+    """Each sweep.batch_size choice is a global batch, split evenly among the training processes."""
+    odd = [b for b in sw.batch_size if b % processes]
+    if odd:
+        raise UserError(f"sweep.batch_size: {', '.join(map(str, odd))} does not divide among {processes} training "
+                        f"processes (a trial's batch is the global batch, split evenly); make every choice a multiple "
+                        f"of {processes}, or change the process count ({distributed.NPROC_ENV})")
+
 
 def add_parser(sub) -> None:
     sp = sub.add_parser("sweep", help="tune learning rate, batch size, dropout (and adversarial training) with Optuna",
@@ -79,7 +82,6 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     p = load_params(args.params)
     sw, url = effective_sweep(p, args)
-    check_one_process()
     if args.action == "apply":
         storage = open_storage(url, sw.heartbeat_interval)
         try:
@@ -88,9 +90,17 @@ def cmd_sweep(args: argparse.Namespace) -> None:
             raise UserError(f"--study: no study '{sw.study}' in {masked(url)}; run `tunepipe sweep` first") from None
         _apply(study, args.params)
         return
+    nproc = distributed.requested_processes()
+    if nproc > 1 and not distributed.launched():  # TUNEPIPE_NPROC: every trial trains on nproc processes
+        check_divisible(sw, nproc)
+        if not args.no_repro:
+            _repro()
+        sys.exit(distributed.relaunch("tunepipe.cli", nproc, "sweep", [*sys.argv[1:], "--no-repro"]))
     if not args.no_repro:
         _repro()
+    distributed.init()
     sweep(p, sw, url, args.params, apply=args.apply)
+    distributed.finish()
 
 
 def sweep(p: Params, sw: SweepParams, url: str, params_file: str | Path = PARAMS_FILE, apply: bool = False,
@@ -111,6 +121,11 @@ def sweep(p: Params, sw: SweepParams, url: str, params_file: str | Path = PARAMS
     check_evaluated(p, sw, len(dsd["train"]))
     check_search_space(p, sw)
     metric = get_task(p.task).headline_metric
+    # One precision for every trial and every process (`auto` measures a matmul, which could differ per process).
+    precision = distributed.from_main(pick_precision(p.finetune.precision) if distributed.is_main() else None)
+    if not distributed.is_main():  # a distributed sweep's other processes train rank 0's trials in step with it
+        follow_trials(dsd, labels, metric, precision)
+        return {}
     tracking.check_reachable(p.tracking)
     storage = open_storage(url, sw.heartbeat_interval)
     first_eval = min(len(dsd["train"]) * p.finetune.epochs, p.finetune.eval_steps * min(sw.batch_size))
@@ -125,7 +140,8 @@ def sweep(p: Params, sw: SweepParams, url: str, params_file: str | Path = PARAMS
     parent = client.create_run(exp_id, tags={
         "mlflow.runName": f"sweep-{sw.study}-{time.strftime('%Y%m%d-%H%M%S')}", "tunepipe.sweep.study": sw.study,
         "tunepipe.sweep.worker": f"{socket.gethostname()}:{os.getpid()}",
-        "tunepipe.git_commit": tracking.git_commit() or "unknown", "tunepipe.task": p.task}).info.run_id
+        "tunepipe.git_commit": tracking.git_commit() or "unknown", "tunepipe.task": p.task,
+        "tunepipe.processes": str(distributed.world_size())}).info.run_id
     client.log_batch(parent, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in {
         "study": sw.study, "storage": masked(url), "trials": sw.trials, "timeout": sw.timeout, "sampler": sw.sampler,
         "sampler_seed": seed, "pruner": sw.pruner, "learning_rate": list(sw.learning_rate),
@@ -135,7 +151,7 @@ def sweep(p: Params, sw: SweepParams, url: str, params_file: str | Path = PARAMS
           f"{before['complete'] + before['pruned']}/{sw.trials} trials finished; sampler {sw.sampler} "
           f"(seed {seed}), pruner {sw.pruner}; MLflow run {parent}", flush=True)
 
-    objective = Objective(p, sw, dsd, labels, sw.trials, exp_id, parent)
+    objective = Objective(p, sw, dsd, labels, sw.trials, exp_id, parent, precision)
     start, status, stopped = time.monotonic(), "FAILED", None
     try:
         close_dead_runs(study)
@@ -143,6 +159,7 @@ def sweep(p: Params, sw: SweepParams, url: str, params_file: str | Path = PARAMS
             run_trials(study, objective, sw.trials, sw.timeout, sw.heartbeat_interval)
         except TooManyFailures as exc:
             stopped = exc  # the reports still show what ran; then the sweep stops with the message
+        distributed.from_main(None)  # no more trials: the other processes stop following
         close_dead_runs(study)
         summary = write_reports(study, {
             "study": sw.study, "storage": masked(url), "metric": metric, "target_trials": sw.trials,

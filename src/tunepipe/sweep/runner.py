@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 import secrets
 import shutil
@@ -16,6 +17,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from transformers import PrinterCallback, TrainerCallback
 
+from tunepipe import distributed
 from tunepipe.errors import UserError, masked
 from tunepipe.params import Params, SweepParams
 from tunepipe.sweep.study import (
@@ -68,32 +70,36 @@ class OptunaPruningCallback(TrainerCallback):
     """Reports the validation metric to the trial at every evaluation and stops the trial when the pruner says so.
 
     The step is training examples seen (epochs x train size), so trials with different batch sizes are compared
-    after the same amount of data, not the same number of optimizer steps.
+    after the same amount of data, not the same number of optimizer steps. In a distributed sweep rank 0 holds the
+    trial (`trial`) and decides; the other processes (`trial=None`) take its decision, so all stop at once.
     """
 
-    def __init__(self, trial: optuna.Trial, metric: str, n_train: int):
+    def __init__(self, trial: optuna.Trial | None, metric: str, n_train: int):
         self.trial, self.metric, self.n_train = trial, metric, n_train
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        pruned = None
         value = (metrics or {}).get(f"eval_{self.metric}")
-        if value is None:
-            return
-        step = round((state.epoch or 0.0) * self.n_train)
-        self.trial.report(float(value), step)
-        # Pruning at the last evaluation would save nothing and throw away the trial's result.
-        if state.global_step < state.max_steps and self.trial.should_prune():
-            raise optuna.TrialPruned(f"validation {self.metric} {value:.4f} after {step} examples")
+        if self.trial is not None and value is not None:
+            step = round((state.epoch or 0.0) * self.n_train)
+            self.trial.report(float(value), step)
+            # Pruning at the last evaluation would save nothing and throw away the trial's result.
+            if state.global_step < state.max_steps and self.trial.should_prune():
+                pruned = f"validation {self.metric} {value:.4f} after {step} examples"
+        pruned = distributed.from_main(pruned)
+        if pruned:
+            raise optuna.TrialPruned(pruned)
 
 
 class Objective:
     """Trains one trial as finetune would (no checkpoints, temp output dir) in a nested MLflow run."""
 
     def __init__(self, p: Params, sw: SweepParams, dsd, labels: list[str], target: int, exp_id: str,
-                 parent_run_id: str):
+                 parent_run_id: str, precision: str | None = None):
         from tunepipe.tasks import get_task
 
         self.p, self.sw, self.dsd, self.labels, self.target = p, sw, dsd, labels, target
-        self.exp_id, self.parent_run_id = exp_id, parent_run_id
+        self.exp_id, self.parent_run_id, self.precision = exp_id, parent_run_id, precision
         self.metric = get_task(p.task).headline_metric
         self.current: int | None = None  # trial number in progress, for Ctrl-C handling
         self.ran = 0
@@ -143,15 +149,16 @@ class Objective:
         tp = trial_params(self.p, suggest(trial, self.sw))
         run_id = self._start_run(trial, tp)
         trial.set_user_attr(RUN_ATTR, run_id)
+        distributed.from_main(tp)  # a distributed sweep's other processes train these values with this one
         out = tempfile.mkdtemp(prefix=f"tunepipe-trial-{trial.number}-")
         state, value, trainer = "fail", None, None
         try:
             from tunepipe import tracking
             from tunepipe.training import build_trainer
 
-            trainer = build_trainer(tp, self.dsd, self.labels, out, save_checkpoints=False, callbacks=[
-                tracking.MlflowMetricsCallback(run_id),
-                OptunaPruningCallback(trial, self.metric, len(self.dsd["train"]))])
+            trainer = build_trainer(tp, self.dsd, self.labels, out, save_checkpoints=False, precision=self.precision,
+                                    callbacks=[tracking.MlflowMetricsCallback(run_id),
+                                               OptunaPruningCallback(trial, self.metric, len(self.dsd["train"]))])
             trainer.remove_callback(PrinterCallback)  # per-step log dicts; Optuna prints one line per trial
             trainer.train()
             value = trainer.state.best_metric
@@ -180,7 +187,8 @@ class Objective:
         client = mlflow.MlflowClient()
         tags = {"mlflow.parentRunId": self.parent_run_id, "mlflow.runName": f"trial-{trial.number}",
                 "optuna.study": trial.study.study_name, "optuna.trial_number": str(trial.number),
-                "optuna.trial_state": "running", "tunepipe.task": self.p.task}
+                "optuna.trial_state": "running", "tunepipe.task": self.p.task,
+                "tunepipe.processes": str(distributed.world_size())}
         with _experimental_ok():
             retry_of = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(
                 _frozen(trial.study, trial.number))
@@ -203,6 +211,30 @@ class Objective:
         client.log_batch(run_id, metrics=metrics, tags=[tag])
         status = {"complete": "FINISHED", "pruned": "FINISHED", "killed": "KILLED"}.get(state, "FAILED")
         client.set_terminated(run_id, status)
+
+
+def follow_trials(dsd, labels: list[str], metric: str, precision: str) -> None:
+    """Ranks 1.. of a distributed sweep: train each trial's values from rank 0 in step with it (DDP), until it sends
+    None. Rank 0 alone talks to Optuna and MLflow; pruning is its decision (OptunaPruningCallback)."""
+    from tunepipe.training import build_trainer
+
+    while (tp := distributed.from_main(None)) is not None:
+        out = tempfile.mkdtemp(prefix="tunepipe-trial-")
+        try:
+            trainer = build_trainer(tp, dsd, labels, out, save_checkpoints=False, precision=precision,
+                                    callbacks=[OptunaPruningCallback(None, metric, len(dsd["train"]))])
+            trainer.remove_callback(PrinterCallback)
+            trainer.train()
+        except optuna.TrialPruned:
+            pass
+        except Exception as exc:
+            if distributed.lost_peer(exc):  # rank 0 went away: torchrun names it; nothing to add here
+                os._exit(distributed.LOST_CONTACT)
+            # The same values fail the same way on rank 0, which records the failure and goes on with the study.
+            print(f"sweep: rank {distributed.rank()}: trial failed: {masked(str(exc).strip()[:300])}",
+                  file=sys.stderr, flush=True)
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
 
 
 def close_dead_runs(study: optuna.Study) -> None:
