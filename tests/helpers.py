@@ -116,10 +116,11 @@ def commit_all(root: Path, message: str = "test setup") -> None:
     sh([*git, "commit", "-qm", message, "--allow-empty"], root)
 
 
-def sh(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    """Run a command with the venv's tools first on PATH and no inherited MLflow store; it must succeed."""
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    env.pop("MLFLOW_TRACKING_URI", None)
+def sh(cmd: list[str], cwd: Path, env: dict[str, str | None] | None = None) -> subprocess.CompletedProcess:
+    """Run a command with the venv's tools first on PATH and no inherited MLflow store, `env` on top (None removes
+    a variable); it must succeed."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", **(env or {})}
+    env = {k: v for k, v in env.items() if v is not None and k != "MLFLOW_TRACKING_URI"}
     res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     assert res.returncode == 0, f"{' '.join(cmd)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
     return res
