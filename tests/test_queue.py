@@ -4,20 +4,15 @@ and registry version in the project's store, and no job writes another's files."
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import mlflow
 import pytest
 import yaml
 
-from tests.helpers import clone_repo, commit_all, sh, synthetic_rows, tiny_params, write_csv
+from tests.helpers import clone_repo, commit_all, run_queue, sh, synthetic_rows, tiny_params, write_csv
 from tunepipe.params import TrackingParams
 from tunepipe.paths import project_root
 from tunepipe.sweep.study import default_storage
@@ -45,38 +40,6 @@ def test_stores_resolve_to_the_project_inside_a_dvc_temp_copy(tmp_path, monkeypa
     assert project_root() == other.resolve()
     monkeypatch.delenv("DVC_ROOT")
     assert project_root() == other.resolve()
-
-
-def _queue_rows(root: Path) -> list[list[str]]:
-    """`dvc queue status` as rows (Task, Name, Created..., Status): only the experiments' lines."""
-    out = sh(["dvc", "queue", "status"], root).stdout
-    rows = [line.split() for line in out.splitlines()]
-    return [r for r in rows if r and r[-1] in ("Queued", "Running", "Success", "Failed")]
-
-
-def _dvc_processes(root: Path) -> list[int]:
-    """Live processes DVC recorded for this project's queue (workers, experiment runs)."""
-    pids = []
-    for pidfile in (root / ".dvc/tmp").rglob("*.pid"):
-        with contextlib.suppress(OSError, ValueError):
-            pid = int(pidfile.read_text().strip())
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            if "dvc" in cmdline and stat[0] not in ("Z", "X"):  # still DVC's process, not a reused pid
-                pids.append(pid)
-    return pids
-
-
-def _stop_workers(root: Path) -> None:
-    """No worker or experiment may outlive the test: DVC's workers stop by themselves 10 s after the queue is
-    empty; `dvc queue stop` asks them now, and what is still there after 30 s is killed."""
-    subprocess.run(["dvc", "queue", "stop"], cwd=root, capture_output=True, timeout=120)
-    deadline = time.monotonic() + 30
-    while _dvc_processes(root) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    for pid in _dvc_processes(root):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
 
 
 def _experiments(root: Path) -> dict[str, dict]:
@@ -112,20 +75,9 @@ def test_queued_experiments_in_parallel_each_record_their_own_run(tmp_path, tiny
 
     for lr in RATES:
         sh(["dvc", "exp", "run", "--queue", "-S", f"finetune.learning_rate={lr}"], root)
-    t0 = time.monotonic()
-    try:
-        sh(["dvc", "queue", "start", "--jobs", "2"], root)
-        while True:
-            rows = _queue_rows(root)
-            if len(rows) == len(RATES) and all(r[-1] not in ("Queued", "Running") for r in rows):
-                break
-            assert time.monotonic() - t0 < QUEUE_TIMEOUT_S, f"queue not done after {QUEUE_TIMEOUT_S}s: {rows}"
-            time.sleep(2)
-        took = time.monotonic() - t0
-    finally:
-        _stop_workers(root)
+    rows, took = run_queue(root, jobs=2, timeout=QUEUE_TIMEOUT_S)
     print(f"{len(RATES)} queued experiments, --jobs 2: {took:.0f}s")
-    assert all(r[-1] == "Success" for r in rows), rows
+    assert len(rows) == len(RATES) and all(r[-1] == "Success" for r in rows), rows
 
     exps = _experiments(root)
     assert sorted(e["lr"] for e in exps.values()) == list(RATES), exps
