@@ -1,7 +1,8 @@
 """Stage finetune: train the task's head (and the encoder, or LoRA adapters) with HF Trainer; log to MLflow.
 
 Checkpoints go to models/checkpoints (a persistent DVC out): a run killed mid-epoch resumes from its last
-checkpoint on the next `dvc repro`, as long as params and data are unchanged (else it starts over).
+checkpoint on the next `dvc repro`, as long as params and data are unchanged (else it starts over). A finished run
+deletes them and leaves only state.json, which DVC caches and pushes: a pulled clone finds finetune up to date.
 """
 
 from __future__ import annotations

@@ -116,13 +116,67 @@ def commit_all(root: Path, message: str = "test setup") -> None:
     sh([*git, "commit", "-qm", message, "--allow-empty"], root)
 
 
-def sh(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    """Run a command with the venv's tools first on PATH and no inherited MLflow store; it must succeed."""
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    env.pop("MLFLOW_TRACKING_URI", None)
+def sh(cmd: list[str], cwd: Path, env: dict[str, str | None] | None = None) -> subprocess.CompletedProcess:
+    """Run a command with the venv's tools first on PATH and no inherited MLflow store, `env` on top (None removes
+    a variable); it must succeed."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", **(env or {})}
+    env = {k: v for k, v in env.items() if v is not None and k != "MLFLOW_TRACKING_URI"}
     res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     assert res.returncode == 0, f"{' '.join(cmd)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
     return res
+
+
+# ---------------------------------------------------------------------------------------------- DVC queue
+
+QUEUE_STATES = ("Queued", "Running", "Success", "Failed")
+
+
+def queue_rows(root: Path) -> list[list[str]]:
+    """`dvc queue status` as rows (Task, Name, Created..., Status): the experiments' lines only."""
+    rows = [line.split() for line in sh(["dvc", "queue", "status"], root).stdout.splitlines()]
+    return [r for r in rows if r and r[-1] in QUEUE_STATES]
+
+
+def run_queue(root: Path, jobs: int, timeout: float) -> tuple[list[list[str]], float]:
+    """`dvc queue start --jobs N`, then wait until no experiment is queued or running: (the rows, seconds taken).
+    No DVC worker or experiment process outlives the call."""
+    t0 = time.monotonic()
+    try:
+        sh(["dvc", "queue", "start", "--jobs", str(jobs)], root)
+        while True:
+            rows = queue_rows(root)
+            if rows and all(r[-1] not in ("Queued", "Running") for r in rows):
+                return rows, time.monotonic() - t0
+            assert time.monotonic() - t0 < timeout, f"the queue is not done after {timeout:.0f}s: {rows}"
+            time.sleep(1)
+    finally:
+        stop_queue_workers(root)
+
+
+def _queue_processes(root: Path) -> list[int]:
+    """Live processes DVC recorded for this project's queue (its workers and experiment runs)."""
+    pids = []
+    for pidfile in (root / ".dvc/tmp").rglob("*.pid"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            pid = int(pidfile.read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            if "dvc" in cmdline and state not in ("Z", "X"):  # still DVC's process, not a reused pid
+                pids.append(pid)
+    return pids
+
+
+def stop_queue_workers(root: Path) -> None:
+    """DVC's queue workers stop by themselves 10 s after the queue is empty; `dvc queue stop` asks them now, and
+    whatever is still there 30 s later is killed."""
+    subprocess.run(["dvc", "queue", "stop"], cwd=root, capture_output=True, timeout=120,
+                   env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+    deadline = time.monotonic() + 30
+    while _queue_processes(root) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for pid in _queue_processes(root):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 # ---------------------------------------------------------------------------------------------- servers

@@ -5,6 +5,7 @@ dvc.yaml declares the same paths as deps and outs; keep the two in step.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 PARAMS_FILE = Path("params.yaml")
@@ -15,7 +16,8 @@ TEST_SPLIT = PREPARED / "test.parquet"
 TOKENIZED = Path("data/tokenized")  # tokenize: a datasets.DatasetDict
 AUGMENTED = Path("data/augmented")  # augment: the same, train split grown
 
-CHECKPOINTS = Path("models/checkpoints")  # finetune: resumable checkpoints (persistent, uncached)
+# finetune: resumable checkpoints (a persistent DVC out; after a finished run only its state.json is left)
+CHECKPOINTS = Path("models/checkpoints")
 MODEL = Path("models/model")  # finetune: the best checkpoint, safetensors + tokenizer + TRAINING_INFO
 TRAINING_INFO = "training_info.json"  # the model's own metadata: task, labels, run id, data hashes
 EXPORT = Path("models/onnx")  # export: ONNX fp32 + int8, tokenizer, EXPORT_META
@@ -41,3 +43,17 @@ SWEEP_REPORTS = REPORTS / "sweep"
 MLFLOW_DB = "mlflow.db"
 MLFLOW_ARTIFACTS = "mlartifacts"
 OPTUNA_DB = "optuna.db"
+
+
+def project_root() -> Path:
+    """Where the project's own stores (MLFLOW_DB, MLFLOW_ARTIFACTS, OPTUNA_DB) are: the working directory, except
+    in the temporary copy where DVC runs a queued (or --temp) experiment, <project>/.dvc/tmp/exps/<tmp>/. DVC
+    deletes that copy once the experiment is collected, and sets DVC_ROOT to the project for it, so the
+    experiment's runs and registry versions go to the project's store instead."""
+    cwd = Path.cwd().resolve()
+    root = os.environ.get("DVC_ROOT")
+    if root:
+        project = Path(root).resolve()
+        if cwd.is_relative_to(project / ".dvc" / "tmp" / "exps"):
+            return project
+    return cwd

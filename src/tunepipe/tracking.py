@@ -3,6 +3,7 @@ registration of each exported model."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import json
@@ -10,7 +11,9 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -18,18 +21,28 @@ from transformers import TrainerCallback
 
 from tunepipe.errors import UserError, masked
 from tunepipe.params import Params, TrackingParams
-from tunepipe.paths import MLFLOW_ARTIFACTS, MLFLOW_DB
+from tunepipe.paths import MLFLOW_ARTIFACTS, MLFLOW_DB, project_root
 from tunepipe.serving import EXPLAIN_CODE, PYFUNC_CODE
 from tunepipe.tasks import get_task
 
 
 def tracking_uri(t: TrackingParams, root: Path | None = None) -> str:
-    """params > $MLFLOW_TRACKING_URI > an embedded sqlite database in the project (registry included)."""
+    """params > $MLFLOW_TRACKING_URI > an embedded sqlite database in the project (registry included), also for a
+    queued DVC experiment running in a temporary copy of the project (paths.project_root)."""
     if t.uri:
         return t.uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{((root or Path.cwd()) / MLFLOW_DB).resolve()}"
+    return f"sqlite:///{((root or project_root()) / MLFLOW_DB).resolve()}"
+
+
+# The DVC experiment a stage runs for (`dvc exp run`, queued or not: DVC sets DVC_EXP_NAME), on its MLflow run
+# (as tunepipe.dvc_experiment, and the run's name) and its registry version, to match them with `dvc exp show`.
+EXPERIMENT_TAG = "dvc_experiment"
+
+
+def dvc_experiment() -> str | None:
+    return os.environ.get("DVC_EXP_NAME") or None
 
 
 # One quick try: MLflow's own client retries an unreachable store for minutes, then ends in a traceback.
@@ -142,9 +155,29 @@ def setup(t: TrackingParams, root: Path | None = None) -> str:
     # a stage waiting for minutes; these fail within about a minute. Set the variables to override them.
     for var, value in HTTP_RETRIES.items():
         os.environ.setdefault(var, value)
+    uri = check_reachable(t, root)
+    with _sqlite_turn(uri):
+        return _setup_experiment(t, uri, root)
+
+
+@contextlib.contextmanager
+def _sqlite_turn(uri: str) -> Iterator[None]:
+    """Processes on one machine that share a sqlite store (sweep workers, `dvc queue start --jobs N`) take turns at
+    its first use: two at once would both build its schema and both create the experiment. Other stores: no wait."""
+    if not uri.startswith("sqlite:"):
+        yield
+        return
+    from filelock import FileLock
+    from sqlalchemy.engine import make_url
+
+    db = str(Path(make_url(uri).database or MLFLOW_DB).resolve())
+    with FileLock(Path(tempfile.gettempdir()) / f"tunepipe-mlflow-{hashlib.sha1(db.encode()).hexdigest()[:16]}.lock"):
+        yield
+
+
+def _setup_experiment(t: TrackingParams, uri: str, root: Path | None) -> str:
     import mlflow
 
-    uri = check_reachable(t, root)
     if uri.startswith("sqlite:///"):
         _create_sqlite_store(Path(uri.removeprefix("sqlite:///")))
     mlflow.set_tracking_uri(uri)
@@ -155,7 +188,7 @@ def setup(t: TrackingParams, root: Path | None = None) -> str:
     artifacts = None
     if tracking_uri(t, root).startswith("sqlite:"):
         # Keep artifacts beside the database, not in whatever directory the process started in.
-        artifacts = ((root or Path.cwd()) / MLFLOW_ARTIFACTS).resolve().as_uri()
+        artifacts = ((root or project_root()) / MLFLOW_ARTIFACTS).resolve().as_uri()
     try:
         return client.create_experiment(t.experiment, artifact_location=artifacts)
     except mlflow.exceptions.MlflowException:  # created meanwhile by a parallel process
@@ -269,6 +302,7 @@ def start_training_run(p: Params, run_id: str | None, meta: dict, fp: str, devic
             return run_id
         except mlflow.exceptions.MlflowException:
             pass  # the tracking store was reset meanwhile: start a new run
+    experiment = dvc_experiment()
     run = client.create_run(exp_id, tags={
         "tunepipe.git_commit": git_commit() or "unknown",
         "tunepipe.data_hash": meta["data_hash"],
@@ -277,7 +311,8 @@ def start_training_run(p: Params, run_id: str | None, meta: dict, fp: str, devic
         "tunepipe.task": p.task,
         "tunepipe.device": device,
         "tunepipe.precision": precision,
-        "mlflow.runName": f"repro-{time.strftime('%Y%m%d-%H%M%S')}",
+        "mlflow.runName": experiment or f"repro-{time.strftime('%Y%m%d-%H%M%S')}",
+        **({f"tunepipe.{EXPERIMENT_TAG}": experiment} if experiment else {}),
     })
     client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, v[:6000])
                                               for k, v in flat_params(p).items()])
@@ -363,6 +398,7 @@ def register(p: Params, run_id: str, onnx_dir: Path, info: dict, metrics: dict, 
         "metrics": json.dumps({k: v for k, v in metrics.items() if isinstance(v, int | float)}, sort_keys=True),
         "headline_metric": get_task(info["task"]).headline_metric,
         **{f"metric.{k}": repr(float(v)) for k, v in metrics.items() if isinstance(v, int | float)},
+        **({EXPERIMENT_TAG: dvc_experiment()} if dvc_experiment() else {}),
     }
     setup(p.tracking)
     client = mlflow.MlflowClient()

@@ -11,7 +11,6 @@ import shutil
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -305,29 +304,13 @@ def run_trials(study: optuna.Study, objective: Objective, target: int, timeout: 
 
 
 def _setup_tracking(p: Params) -> str:
-    """tracking.setup for a worker that may start together with others.
-
-    Concurrent first use of a fresh sqlite store runs MLflow's migrations twice and leaves it broken, so workers
-    on one machine take turns (a lock file in the temp dir); other stores are retried after a failed first touch.
-    """
-    import hashlib
-
-    from filelock import FileLock
-    from sqlalchemy.engine import make_url
-
+    """tracking.setup for a worker that may start together with others: workers sharing a sqlite store take turns
+    inside it (a file lock); other stores are retried after a failed first touch."""
     from tunepipe import tracking
 
-    uri = tracking.tracking_uri(p.tracking)
-    lock = None
-    if uri.startswith("sqlite:"):
-        key = hashlib.sha1(str(Path(make_url(uri).database or "").resolve()).encode()).hexdigest()[:16]
-        lock = FileLock(Path(tempfile.gettempdir()) / f"tunepipe-mlflow-{key}.lock")
     for attempt in range(5):
         try:
-            if lock is None:
-                return tracking.setup(p.tracking)
-            with lock:
-                return tracking.setup(p.tracking)
+            return tracking.setup(p.tracking)
         except UserError:
             raise  # unreachable: trying again would only repeat the message
         except Exception:

@@ -13,7 +13,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from tunepipe.errors import UserError, masked
 from tunepipe.params import Params, SweepParams
-from tunepipe.paths import OPTUNA_DB
+from tunepipe.paths import OPTUNA_DB, project_root
 
 TUNED = ("learning_rate", "batch_size", "dropout")  # always searched
 OPTIONAL = ("adversarial", "adversarial_epsilon")  # searched when their sweep key is set (not null)
@@ -100,7 +100,7 @@ def trial_params(p: Params, values: dict) -> Params:
 
 
 def default_storage(root: Path | None = None) -> str:
-    return f"sqlite:///{((root or Path.cwd()) / OPTUNA_DB).resolve()}"
+    return f"sqlite:///{((root or project_root()) / OPTUNA_DB).resolve()}"
 
 
 def open_storage(url: str, heartbeat_interval: int) -> optuna.storages.RDBStorage:
