@@ -14,8 +14,8 @@ import pytest
 import torch
 import yaml
 
-from tests.helpers import clone_repo, commit_all, sh, synthetic_rows, tiny_params, write_csv
-from tests.test_ner import ner_project, write_tiny_dir  # noqa: F401 (a fixture)
+from tests.helpers import clone_repo, commit_all, sh, synthetic_rows, tiny_params, write_csv, write_tiny_dir
+from tests.test_ner import ner_project  # noqa: F401 (a fixture)
 from tunepipe.calibration import (
     SigmoidTemperature,
     SoftmaxTemperature,

@@ -18,8 +18,7 @@ import pytest
 import torch
 import yaml
 
-from tests.helpers import clone_repo, commit_all, sh, synthetic_rows, tiny_params, write_csv
-from tests.test_ner import write_tiny_dir
+from tests.helpers import clone_repo, commit_all, sh, synthetic_rows, tiny_params, write_csv, write_tiny_dir
 from tunepipe.errors import UserError
 from tunepipe.files import read_json
 from tunepipe.params import parse_params
