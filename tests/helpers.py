@@ -1,5 +1,6 @@
-"""Helpers shared by the tests and the benchmarks: tiny labelled data, a tiny random BERT, params for quick runs,
-and what a user gets from `git clone` of this repository. (Fixtures live in conftest.py.)"""
+"""Helpers shared by the tests and the benchmarks: tiny labelled data (texts, and CoNLL sentences for NER), a tiny
+random BERT, params for quick runs, and what a user gets from `git clone` of this repository. (Fixtures live in
+conftest.py.)"""
 
 from __future__ import annotations
 
@@ -56,6 +57,58 @@ def write_csv(path: Path, rows: list[tuple[str, str]], header=("text", "sentimen
         w.writerow(header)
         w.writerows(rows)
     return path
+
+
+# Entities come from small closed lists, so even the tiny random BERT learns them in a few steps.
+PEOPLE = [["John", "Smith"], ["Maria", "Garcia"], ["Wei", "Chen"], ["Anna", "Kowalski"], ["Omar"]]
+PLACES = [["Paris"], ["Berlin"], ["New", "York"], ["Tokyo"], ["Lagos"]]
+ORGS = [["Acme", "Corp"], ["Globex"], ["Initech"], ["Umbrella", "Group"]]
+TEMPLATES = [
+    "{PER} visited {LOC} on Monday .",
+    "{ORG} opened an office in {LOC} .",
+    "{PER} works for {ORG} now .",
+    "the weather in {LOC} was cold today .",
+    "{PER} said the talks with {ORG} went well .",
+    "nothing happened here yesterday .",
+]
+
+
+def synthetic_sentences(n: int, seed: int = 0) -> list[tuple[list[str], list[str]]]:
+    """(tokens, IOB2 tags) from templates filled with known mentions."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        toks, tags = [], []
+        for word in rng.choice(TEMPLATES).split():
+            kind = {"{PER}": "PER", "{LOC}": "LOC", "{ORG}": "ORG"}.get(word)
+            if kind is None:
+                toks.append(word)
+                tags.append("O")
+                continue
+            mention = rng.choice({"PER": PEOPLE, "LOC": PLACES, "ORG": ORGS}[kind])
+            toks += mention
+            tags += [f"B-{kind}"] + [f"I-{kind}"] * (len(mention) - 1)
+        out.append((toks, tags))
+    return out
+
+
+def write_conll(path: Path, sentences, docstart: bool = True) -> Path:
+    """CoNLL-2003 layout: TOKEN POS CHUNK TAG, blank line between sentences, an optional -DOCSTART- header."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = ["-DOCSTART- -X- -X- O", ""] if docstart else []
+    for toks, tags in sentences:
+        lines += [f"{t} NN I-NP {g}" for t, g in zip(toks, tags, strict=True)] + [""]
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+def write_tiny_dir(root: Path, n_train: int = 120, n_eval: int = 30) -> Path:
+    """data/raw/conll under `root`: CoNLL train, validation (testa) and test (testb) files of synthetic sentences."""
+    d = root / "data/raw/conll"
+    write_conll(d / "eng.train", synthetic_sentences(n_train, seed=1))
+    write_conll(d / "eng.testa", synthetic_sentences(n_eval, seed=2))
+    write_conll(d / "eng.testb", synthetic_sentences(n_eval, seed=3), docstart=False)
+    return d
 
 
 def tiny_model(out: Path) -> Path:

@@ -19,8 +19,7 @@ from safetensors.torch import load_file
 
 from stages import augment, finetune, prepare
 from stages import tokenization as tokenize
-from tests.helpers import REPO
-from tests.test_ner import write_tiny_dir
+from tests.helpers import REPO, write_tiny_dir
 from tunepipe.cli import main as cli
 from tunepipe.errors import UserError
 from tunepipe.files import read_json

@@ -5,7 +5,9 @@ ONNX parity check on the calibrated probabilities."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import sys
 from pathlib import Path
 
 import datasets
@@ -14,8 +16,8 @@ import pytest
 import torch
 import yaml
 
-from tests.helpers import clone_repo, commit_all, sh, synthetic_rows, tiny_params, write_csv
-from tests.test_ner import ner_project, write_tiny_dir  # noqa: F401 (a fixture)
+from tests.helpers import clone_repo, commit_all, sh, synthetic_rows, tiny_params, write_csv, write_tiny_dir
+from tests.test_ner import ner_project  # noqa: F401 (a fixture)
 from tunepipe.calibration import (
     SigmoidTemperature,
     SoftmaxTemperature,
@@ -335,8 +337,6 @@ def repo(tmp_path, tiny_model_dir):
 
 @pytest.mark.slow
 def test_dvc_repro_calibrates_and_serves_calibrated(repo):
-    import sys
-
     out = sh(["dvc", "repro"], repo).stdout
     assert "evaluate: calibration temperature: temperature" in out and "calibrated probabilities" in out
     t = read_json(repo / "reports/calibration.json")["temperature"]
@@ -364,3 +364,109 @@ def test_dvc_repro_calibrates_and_serves_calibrated(repo):
            if f"Running stage '{s}'" in out}
     assert ran == {"evaluate", "export"}
     assert read_json(repo / "models/onnx/tunepipe.json")["temperature"] == 1.0
+
+
+# ---- through sweep, apply, repro, promote and the registry ----------------------------------------------------
+
+def torch_logits(root: Path, texts: list[str]) -> tuple[np.ndarray, list[str]]:
+    """The fine-tuned PyTorch model's (models/model) logits of `texts` and its labels: independent of the export and
+    its metadata, so they check what the served model does with its own logits."""
+    from tunepipe.modeling import load_trained
+
+    info, _, model, tok = load_trained(root / "models/model")
+    with torch.no_grad():
+        logits = model(**tok(texts, truncation=True, max_length=info["max_length"], padding=True,
+                             return_tensors="pt")).logits.double().numpy()
+    return logits, info["labels"]
+
+
+def champion_served(root: Path, name: str, texts: list[str], labels: list[str]) -> tuple[np.ndarray, object]:
+    """The champion's served probabilities, loaded by alias from the registry as `mlflow models serve` loads it,
+    and the version behind the alias."""
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    version = mlflow.MlflowClient().get_model_version_by_alias(name, "champion")
+    out = mlflow.pyfunc.load_model(f"models:/{name}@champion").predict(texts)
+    return np.array([[row[label] for label in labels] for row in out["probabilities"]]), version
+
+
+def tunepipe(capsys, *args: str) -> str:
+    """`tunepipe ARGS` in this process (the working directory's params.yaml): its stdout; a non-zero exit fails."""
+    from tunepipe.cli import main
+
+    capsys.readouterr()
+    try:
+        main(list(args))
+    except SystemExit as exc:
+        out = capsys.readouterr()
+        pytest.fail(f"tunepipe {' '.join(args)} exited {exc.code}:\n{out.out[-3000:]}\n{out.err[-3000:]}")
+    return capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_sweep_apply_repro_and_promote_serve_the_fitted_temperature(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """calibration.method none, then temperature after `tunepipe sweep --apply`, each through `dvc repro` and
+    `tunepipe promote` in a clone: the champion serves softmax(logits / T) with the T evaluate recorded."""
+    import mlflow
+
+    root = clone_repo(tmp_path / "repo")
+    # `tunepipe sweep` and `promote` run in this process (no interpreter start-up each), in the clone; the sweep's
+    # `dvc repro augment` finds the venv's python first on PATH, as in an activated venv.
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    write_csv(root / "data/raw/train.csv", synthetic_rows(150))
+    # v1: calibration none and a learning rate too small to learn (so the tuned v2 is a clear gain for promote);
+    # evaluate's robustness and explanations are not what this test is about.
+    params = tiny_params(tiny_model_dir, **{
+        "calibration.method": "none", "finetune.learning_rate": 1e-6, "finetune.epochs": 3.0,
+        "robustness.perturbations": [], "explain.examples_per_class": 0,
+        "sweep.trials": 2, "sweep.pruner": "none", "sweep.learning_rate": [5e-3, 2e-2], "sweep.batch_size": [16],
+        "sweep.dropout": [0.0, 0.1]})
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    commit_all(root)
+    name = params["tracking"]["model_name"]
+    texts = [t for t, _ in synthetic_rows(6, seed=99)]
+
+    sh(["dvc", "repro"], root)
+    assert read_json(root / "reports/calibration.json")["temperature"] == 1.0
+    assert read_json(root / "models/onnx/tunepipe.json")["temperature"] == 1.0
+    assert "no champion yet" in tunepipe(capsys, "promote")
+    logits, labels = torch_logits(root, texts)
+    served, v1 = champion_served(root, name, texts, labels)
+    assert json.loads(v1.tags["params"])["calibration"]["method"] == "none"
+    assert np.allclose(served, softmax(logits), atol=1e-5)  # T = 1: the plain softmax
+
+    # v2: temperature scaling; the sweep's best values applied to params.yaml, then the pipeline and promote.
+    params["calibration"]["method"] = "temperature"
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    commit_all(root, "calibrate")
+    out = tunepipe(capsys, "sweep", "--apply")
+    assert "sweep: 2 complete" in out and "sweep: params.yaml <- trial" in out, out
+    applied = yaml.safe_load((root / "params.yaml").read_text())
+    assert applied["calibration"] == {"method": "temperature"} and applied["finetune"]["learning_rate"] >= 5e-3
+    ran = sh(["dvc", "repro"], root).stdout
+    assert all(f"Running stage '{s}'" in ran for s in ("finetune", "evaluate", "export")), ran
+    record = read_json(root / "reports/calibration.json")
+    t = record["temperature"]
+    assert record["method"] == "temperature" and abs(t - 1) > 0.05, record
+    export = read_json(root / "reports/export.json")
+    assert export["temperature"] == read_json(root / "models/onnx/tunepipe.json")["temperature"] == t
+    promoted = tunepipe(capsys, "promote")
+    v2_number = export["registered"]["version"]
+    assert "PROMOTE: macro_f1 gain" in promoted and f"champion v{v1.version} -> v{v2_number}" in promoted, promoted
+
+    logits, labels = torch_logits(root, texts)
+    served, v2 = champion_served(root, name, texts, labels)
+    assert int(v2.version) == v2_number
+    assert v2.tags["run_id"] == v2.run_id == read_json(root / "models/model/training_info.json")["run_id"]
+    assert json.loads(v2.tags["params"])["calibration"]["method"] == "temperature"
+    assert mlflow.MlflowClient().get_run(v2.run_id).data.metrics["calibration_temperature"] == t
+    # The fitted T is the one that minimises the validation NLL of this model (evaluate fitted it, not a stale one).
+    from tunepipe.modeling import load_trained
+
+    info, task, model, tok = load_trained(root / "models/model")
+    validation = datasets.load_from_disk(str(root / "data/tokenized"))["validation"]
+    assert SoftmaxTemperature().fit(*task.calibration_data(model, tok, validation, info)) == pytest.approx(t, rel=1e-3)
+    assert np.allclose(served, softmax(logits / t), atol=1e-4)  # ONNX vs PyTorch logits, divided by T
+    assert np.abs(served - softmax(logits)).max() > 0.01  # visibly not the uncalibrated softmax

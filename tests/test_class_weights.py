@@ -18,8 +18,16 @@ import pytest
 import torch
 import yaml
 
-from tests.helpers import clone_repo, commit_all, sh, synthetic_rows, tiny_params, write_csv
-from tests.test_ner import write_tiny_dir
+from tests.helpers import (
+    clone_repo,
+    commit_all,
+    sh,
+    synthetic_rows,
+    synthetic_sentences,
+    tiny_params,
+    write_csv,
+    write_tiny_dir,
+)
 from tunepipe.errors import UserError
 from tunepipe.files import read_json
 from tunepipe.params import parse_params
@@ -267,3 +275,40 @@ def test_ner_finetune_weighs_tags_by_their_token_counts(tmp_path, monkeypatch, t
     recorded = read_json(tmp_path / "reports/train.json")["class_weights"]
     assert recorded == pytest.approx(expected, rel=1e-5)
     assert recorded["O"] < 1 < max(recorded.values())  # the common tag weighs less, entity tags more
+
+
+def test_ner_balanced_weights_through_repro_and_promote(tmp_path, tiny_model_dir):
+    """task: ner with balanced weights through `dvc repro` and `tunepipe promote` in a clone: the weights come from
+    the tiny CoNLL train file's tag counts, recorded in reports/train.json and on the run the champion came from."""
+    root = clone_repo(tmp_path / "repo")
+    write_tiny_dir(root, n_train=60, n_eval=15)
+    params = tiny_params(tiny_model_dir, **{
+        "task": "ner", "data.source": "data/raw/conll", "tracking.model_name": "tunepipe-ner",
+        "finetune.class_weights": "balanced", "finetune.epochs": 1.0, "robustness.perturbations": []})
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    commit_all(root)
+    sh(["dvc", "repro"], root)
+
+    # Expected from the written sentences (eng.train is the train split), not from the pipeline's own counts: one
+    # target per word (its first sub-token; max_length 32 truncates none), n / (k * count) over the k tags seen.
+    counts = Counter(tag for _, tags in synthetic_sentences(60, seed=1) for tag in tags)
+    n, k = sum(counts.values()), len(counts)
+    recorded = read_json(root / "reports/train.json")["class_weights"]
+    assert {tag: w for tag, w in recorded.items() if tag in counts} == pytest.approx(
+        {tag: n / (k * c) for tag, c in counts.items()}, rel=1e-5)
+    assert all(w == 1.0 for tag, w in recorded.items() if tag not in counts)  # a tag no train word has
+    assert recorded["O"] < 1 < max(recorded.values())  # the common tag weighs less, entity tags more
+    info = read_json(root / "models/model/training_info.json")
+    assert info["class_weights"] == recorded
+
+    promoted = sh([sys.executable, "-m", "tunepipe.cli", "promote"], root).stdout
+    assert promoted.startswith("promote tunepipe-ner: f1") and "PROMOTE: no champion yet" in promoted, promoted
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
+    champion = client.get_model_version_by_alias("tunepipe-ner", "champion")
+    assert int(champion.version) == read_json(root / "reports/export.json")["registered"]["version"]
+    assert champion.tags["task"] == "ner" and champion.run_id == champion.tags["run_id"] == info["run_id"]
+    run = client.get_run(champion.run_id)
+    assert run.data.params["finetune.class_weights"] == "balanced"
+    assert json.loads(run.data.tags["tunepipe.class_weights"]) == recorded
+    assert json.loads(champion.tags["params"])["finetune"]["class_weights"] == "balanced"

@@ -11,8 +11,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.helpers import REPO, synthetic_rows, write_csv
-from tests.test_ner import synthetic_sentences, write_conll
+from tests.helpers import REPO, synthetic_rows, synthetic_sentences, write_conll, write_csv
 from tunepipe import data as shared_data
 from tunepipe.errors import UserError
 from tunepipe.params import parse_params

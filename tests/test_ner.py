@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 import re
 import sys
 from pathlib import Path
@@ -14,7 +13,19 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.helpers import REPO, clone_repo, commit_all, sh, tiny_params
+from tests.helpers import (
+    ORGS,
+    PEOPLE,
+    PLACES,
+    REPO,
+    clone_repo,
+    commit_all,
+    sh,
+    synthetic_sentences,
+    tiny_params,
+    write_conll,
+    write_tiny_dir,
+)
 from tunepipe.errors import UserError
 from tunepipe.files import read_json
 from tunepipe.params import parse_params
@@ -30,48 +41,6 @@ from tunepipe.tasks.ner.serve import split_words, tag_spans
 
 SHARED_CONLL = REPO.parent / "shared/data/conll2003"
 
-# Entities come from small closed lists, so even the tiny random BERT learns them in a few steps.
-PEOPLE = [["John", "Smith"], ["Maria", "Garcia"], ["Wei", "Chen"], ["Anna", "Kowalski"], ["Omar"]]
-PLACES = [["Paris"], ["Berlin"], ["New", "York"], ["Tokyo"], ["Lagos"]]
-ORGS = [["Acme", "Corp"], ["Globex"], ["Initech"], ["Umbrella", "Group"]]
-TEMPLATES = [
-    "{PER} visited {LOC} on Monday .",
-    "{ORG} opened an office in {LOC} .",
-    "{PER} works for {ORG} now .",
-    "the weather in {LOC} was cold today .",
-    "{PER} said the talks with {ORG} went well .",
-    "nothing happened here yesterday .",
-]
-
-
-def synthetic_sentences(n: int, seed: int = 0) -> list[tuple[list[str], list[str]]]:
-    """(tokens, IOB2 tags) from templates filled with known mentions."""
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        toks, tags = [], []
-        for word in rng.choice(TEMPLATES).split():
-            kind = {"{PER}": "PER", "{LOC}": "LOC", "{ORG}": "ORG"}.get(word)
-            if kind is None:
-                toks.append(word)
-                tags.append("O")
-                continue
-            mention = rng.choice({"PER": PEOPLE, "LOC": PLACES, "ORG": ORGS}[kind])
-            toks += mention
-            tags += [f"B-{kind}"] + [f"I-{kind}"] * (len(mention) - 1)
-        out.append((toks, tags))
-    return out
-
-
-def write_conll(path: Path, sentences, docstart: bool = True) -> Path:
-    """CoNLL-2003 layout: TOKEN POS CHUNK TAG, blank line between sentences, an optional -DOCSTART- header."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lines = ["-DOCSTART- -X- -X- O", ""] if docstart else []
-    for toks, tags in sentences:
-        lines += [f"{t} NN I-NP {g}" for t, g in zip(toks, tags, strict=True)] + [""]
-    path.write_text("\n".join(lines), encoding="utf-8")
-    return path
-
 
 def iob2_to_iob1(tags: list[str]) -> list[str]:
     """IOB1 keeps B- only where an entity directly follows one of the same type."""
@@ -81,14 +50,6 @@ def iob2_to_iob1(tags: list[str]) -> list[str]:
             tag = "I-" + tag[2:]
         out.append(tag)
     return out
-
-
-def write_tiny_dir(root: Path, n_train: int = 120, n_eval: int = 30) -> Path:
-    d = root / "data/raw/conll"
-    write_conll(d / "eng.train", synthetic_sentences(n_train, seed=1))
-    write_conll(d / "eng.testa", synthetic_sentences(n_eval, seed=2))
-    write_conll(d / "eng.testb", synthetic_sentences(n_eval, seed=3), docstart=False)
-    return d
 
 
 @pytest.fixture

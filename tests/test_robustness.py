@@ -12,8 +12,9 @@ import pytest
 
 from stages import augment, evaluate, finetune, prepare
 from stages import tokenization as tokenize
+from tests.helpers import synthetic_sentences, write_tiny_dir
 from tests.test_multilabel import ml_project, multilabel_rows  # noqa: F401  (fixture)
-from tests.test_ner import ner_project, synthetic_sentences, write_tiny_dir  # noqa: F401  (fixture)
+from tests.test_ner import ner_project  # noqa: F401  (fixture)
 from tests.test_registry import onnx_exports, reg, store  # noqa: F401  (fixtures)
 from tunepipe.errors import UserError
 from tunepipe.files import read_json
