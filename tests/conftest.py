@@ -38,8 +38,10 @@ def project(tmp_path, monkeypatch, tiny_model_dir):
 
 
 @pytest.fixture(autouse=True)
-def _fresh_tracking_env(monkeypatch):
-    """mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI: keep one test's store from leaking into the next."""
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+def _fresh_tracking_env():
+    """mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI: keep one test's (or a module fixture's) store from
+    leaking into the next. Not through monkeypatch: its undo (at teardown, or a test's own monkeypatch.undo()) would
+    put back a value a module-scoped fixture had left, pointing the test at another project's store."""
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
     yield
     os.environ.pop("MLFLOW_TRACKING_URI", None)
