@@ -325,35 +325,111 @@ def test_ner_stages_calibrate_per_token_and_serve_it(ner_project):  # noqa: F811
     assert np.allclose(served, softmax(logits[first].astype(np.float64) / 3.0), atol=1e-6)
 
 
+def tunepipe(capsys, *args: str, code: int = 0) -> str:
+    """`tunepipe ARGS` in this process (the working directory's params.yaml): its stdout, once it exits with `code`."""
+    from tunepipe.cli import main
+
+    capsys.readouterr()
+    got = 0
+    try:
+        main(list(args))
+    except SystemExit as exc:
+        got = exc.code
+    out = capsys.readouterr()
+    assert got == code, f"tunepipe {' '.join(args)} exited {got}:\n{out.out[-3000:]}\n{out.err[-3000:]}"
+    return out.out
+
+
+def torch_logits(root: Path, texts: list[str]) -> np.ndarray:
+    """The fine-tuned PyTorch model's (models/model) logits: independent of the export and its metadata, so they
+    check what the served model does with its own logits."""
+    from tunepipe.modeling import load_trained
+
+    info, _, model, tok = load_trained(root / "models/model")
+    with torch.no_grad():
+        return model(**tok(texts, truncation=True, max_length=info["max_length"], padding=True,
+                           return_tensors="pt")).logits.double().numpy()
+
+
+def served_by_registry(root: Path, uri: str, texts: list[str]) -> np.ndarray:
+    """The probabilities a registered version serves, loaded from the registry as `mlflow models serve` loads it."""
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    out = mlflow.pyfunc.load_model(uri).predict(texts)
+    labels = read_json(root / "models/onnx/tunepipe.json")["labels"]
+    return np.array([[row[label] for label in labels] for row in out["probabilities"]])
+
+
 @pytest.fixture
-def repo(tmp_path, tiny_model_dir):
+def repo(tmp_path, tiny_model_dir, monkeypatch):
+    """A clone with tiny data and a 2-trial sweep space; `tunepipe` commands run in this process, in the clone (its
+    `dvc repro augment` finds the venv's python first on PATH, as in an activated venv)."""
     root = clone_repo(tmp_path / "repo")
     write_csv(root / "data/raw/train.csv", synthetic_rows(150))
-    (root / "params.yaml").write_text(yaml.safe_dump(tiny_params(tiny_model_dir, **{"finetune.epochs": 2.0}),
-                                                     sort_keys=False))
+    # Robustness and explanations are evaluate's other reports, not what this test is about.
+    (root / "params.yaml").write_text(yaml.safe_dump(tiny_params(tiny_model_dir, **{
+        "finetune.epochs": 2.0, "robustness.perturbations": [], "explain.examples_per_class": 0,
+        "sweep.trials": 2, "sweep.pruner": "none", "sweep.learning_rate": [5e-3, 2e-2], "sweep.batch_size": [16],
+        "sweep.dropout": [0.0, 0.1]}), sort_keys=False))
     commit_all(root)
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     return root
 
 
 @pytest.mark.slow
-def test_dvc_repro_calibrates_and_serves_calibrated(repo):
+def test_sweep_repro_and_promote_serve_the_fitted_temperature(repo, capsys):
+    """`tunepipe sweep --apply`, `dvc repro`, `tunepipe promote` in a clone: the temperature evaluate fits is the one
+    the export records and the champion, loaded from the registry, serves; calibration.method none serves the
+    plain softmax."""
+    import mlflow
+
+    out = tunepipe(capsys, "sweep", "--apply")  # runs `dvc repro augment` first
+    assert "sweep: 2 complete" in out and "sweep: params.yaml <- trial" in out, out
+    applied = yaml.safe_load((repo / "params.yaml").read_text())
+    assert applied["calibration"] == {"method": "temperature"} and applied["finetune"]["learning_rate"] >= 5e-3
     out = sh(["dvc", "repro"], repo).stdout
     assert "evaluate: calibration temperature: temperature" in out and "calibrated probabilities" in out
     t = read_json(repo / "reports/calibration.json")["temperature"]
+    assert abs(t - 1) > 0.05, t  # else the checks below could not tell calibrated from plain
     assert read_json(repo / "models/onnx/tunepipe.json")["temperature"] == t
+    export = read_json(repo / "reports/export.json")
+    assert export["temperature"] == t
     shown = json.loads(sh(["dvc", "metrics", "show", "--json"], repo).stdout)
     assert "ece" in json.dumps(shown) and "temperature" in json.dumps(shown)
     sh(["dvc", "plots", "show", "--json", "reports/plots/reliability.csv"], repo)
+    # T is what refitting on the validation split gives this model: evaluate's fit, not a stale value.
+    from tunepipe.modeling import load_trained
+
+    info, task, model, tok = load_trained(repo / "models/model")
+    validation = datasets.load_from_disk(str(repo / "data/tokenized"))["validation"]
+    assert SoftmaxTemperature().fit(*task.calibration_data(model, tok, validation, info)) == pytest.approx(t, rel=1e-3)
 
     from tunepipe.serving.pyfunc_model import TextPredictor
 
     predictor = TextPredictor(repo / "models/onnx")
-    row = json.loads(sh([sys.executable, "-m", "tunepipe.cli", "predict", "what a great flight", "--json"],
-                        repo).stdout.splitlines()[0])
+    row = json.loads(tunepipe(capsys, "predict", "what a great flight", "--json").splitlines()[0])
     expected = softmax(predictor.logits(["what a great flight"]).astype(np.float64) / t)[0]
     assert list(row["probabilities"].values()) == pytest.approx(expected.tolist(), abs=1e-6)
 
-    # The calibration method is evaluate's param: changing it re-runs evaluate and export only.
+    # The champion: promoted from the registry, it serves softmax(logits / T) of the fine-tuned model's logits.
+    name, v1 = applied["tracking"]["model_name"], export["registered"]["version"]
+    out = tunepipe(capsys, "promote")
+    assert "PROMOTE: no champion yet" in out and f"champion none -> v{v1}" in out, out
+    client = mlflow.MlflowClient()
+    champion = client.get_model_version_by_alias(name, "champion")
+    assert int(champion.version) == v1 and champion.run_id == info["run_id"]
+    assert client.get_run(champion.run_id).data.metrics["calibration_temperature"] == t
+    assert json.loads(champion.tags["params"])["finetune"]["learning_rate"] == applied["finetune"]["learning_rate"]
+    texts = [text for text, _ in synthetic_rows(6, seed=99)]
+    logits = torch_logits(repo, texts)
+    served = served_by_registry(repo, f"models:/{name}@champion", texts)
+    assert np.allclose(served, softmax(logits / t), atol=1e-4)  # ONNX against PyTorch logits, divided by T
+    assert np.abs(served - softmax(logits)).max() > 0.01  # visibly not the uncalibrated softmax
+
+    # The calibration method is evaluate's param: changing it re-runs evaluate and export only, and registers a
+    # version that serves the plain softmax; promote refuses it (a tie) and the champion keeps its temperature.
     status = json.loads(sh(["dvc", "status", "--json"], repo).stdout)
     assert status == {}
     params = yaml.safe_load((repo / "params.yaml").read_text())
@@ -364,109 +440,8 @@ def test_dvc_repro_calibrates_and_serves_calibrated(repo):
            if f"Running stage '{s}'" in out}
     assert ran == {"evaluate", "export"}
     assert read_json(repo / "models/onnx/tunepipe.json")["temperature"] == 1.0
-
-
-# ---- through sweep, apply, repro, promote and the registry ----------------------------------------------------
-
-def torch_logits(root: Path, texts: list[str]) -> tuple[np.ndarray, list[str]]:
-    """The fine-tuned PyTorch model's (models/model) logits of `texts` and its labels: independent of the export and
-    its metadata, so they check what the served model does with its own logits."""
-    from tunepipe.modeling import load_trained
-
-    info, _, model, tok = load_trained(root / "models/model")
-    with torch.no_grad():
-        logits = model(**tok(texts, truncation=True, max_length=info["max_length"], padding=True,
-                             return_tensors="pt")).logits.double().numpy()
-    return logits, info["labels"]
-
-
-def champion_served(root: Path, name: str, texts: list[str], labels: list[str]) -> tuple[np.ndarray, object]:
-    """The champion's served probabilities, loaded by alias from the registry as `mlflow models serve` loads it,
-    and the version behind the alias."""
-    import mlflow
-
-    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
-    version = mlflow.MlflowClient().get_model_version_by_alias(name, "champion")
-    out = mlflow.pyfunc.load_model(f"models:/{name}@champion").predict(texts)
-    return np.array([[row[label] for label in labels] for row in out["probabilities"]]), version
-
-
-def tunepipe(capsys, *args: str) -> str:
-    """`tunepipe ARGS` in this process (the working directory's params.yaml): its stdout; a non-zero exit fails."""
-    from tunepipe.cli import main
-
-    capsys.readouterr()
-    try:
-        main(list(args))
-    except SystemExit as exc:
-        out = capsys.readouterr()
-        pytest.fail(f"tunepipe {' '.join(args)} exited {exc.code}:\n{out.out[-3000:]}\n{out.err[-3000:]}")
-    return capsys.readouterr().out
-
-
-@pytest.mark.slow
-def test_sweep_apply_repro_and_promote_serve_the_fitted_temperature(tmp_path, tiny_model_dir, monkeypatch, capsys):
-    """calibration.method none, then temperature after `tunepipe sweep --apply`, each through `dvc repro` and
-    `tunepipe promote` in a clone: the champion serves softmax(logits / T) with the T evaluate recorded."""
-    import mlflow
-
-    root = clone_repo(tmp_path / "repo")
-    # `tunepipe sweep` and `promote` run in this process (no interpreter start-up each), in the clone; the sweep's
-    # `dvc repro augment` finds the venv's python first on PATH, as in an activated venv.
-    monkeypatch.chdir(root)
-    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    write_csv(root / "data/raw/train.csv", synthetic_rows(150))
-    # v1: calibration none and a learning rate too small to learn (so the tuned v2 is a clear gain for promote);
-    # evaluate's robustness and explanations are not what this test is about.
-    params = tiny_params(tiny_model_dir, **{
-        "calibration.method": "none", "finetune.learning_rate": 1e-6, "finetune.epochs": 3.0,
-        "robustness.perturbations": [], "explain.examples_per_class": 0,
-        "sweep.trials": 2, "sweep.pruner": "none", "sweep.learning_rate": [5e-3, 2e-2], "sweep.batch_size": [16],
-        "sweep.dropout": [0.0, 0.1]})
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    commit_all(root)
-    name = params["tracking"]["model_name"]
-    texts = [t for t, _ in synthetic_rows(6, seed=99)]
-
-    sh(["dvc", "repro"], root)
-    assert read_json(root / "reports/calibration.json")["temperature"] == 1.0
-    assert read_json(root / "models/onnx/tunepipe.json")["temperature"] == 1.0
-    assert "no champion yet" in tunepipe(capsys, "promote")
-    logits, labels = torch_logits(root, texts)
-    served, v1 = champion_served(root, name, texts, labels)
-    assert json.loads(v1.tags["params"])["calibration"]["method"] == "none"
-    assert np.allclose(served, softmax(logits), atol=1e-5)  # T = 1: the plain softmax
-
-    # v2: temperature scaling; the sweep's best values applied to params.yaml, then the pipeline and promote.
-    params["calibration"]["method"] = "temperature"
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    commit_all(root, "calibrate")
-    out = tunepipe(capsys, "sweep", "--apply")
-    assert "sweep: 2 complete" in out and "sweep: params.yaml <- trial" in out, out
-    applied = yaml.safe_load((root / "params.yaml").read_text())
-    assert applied["calibration"] == {"method": "temperature"} and applied["finetune"]["learning_rate"] >= 5e-3
-    ran = sh(["dvc", "repro"], root).stdout
-    assert all(f"Running stage '{s}'" in ran for s in ("finetune", "evaluate", "export")), ran
-    record = read_json(root / "reports/calibration.json")
-    t = record["temperature"]
-    assert record["method"] == "temperature" and abs(t - 1) > 0.05, record
-    export = read_json(root / "reports/export.json")
-    assert export["temperature"] == read_json(root / "models/onnx/tunepipe.json")["temperature"] == t
-    promoted = tunepipe(capsys, "promote")
-    v2_number = export["registered"]["version"]
-    assert "PROMOTE: macro_f1 gain" in promoted and f"champion v{v1.version} -> v{v2_number}" in promoted, promoted
-
-    logits, labels = torch_logits(root, texts)
-    served, v2 = champion_served(root, name, texts, labels)
-    assert int(v2.version) == v2_number
-    assert v2.tags["run_id"] == v2.run_id == read_json(root / "models/model/training_info.json")["run_id"]
-    assert json.loads(v2.tags["params"])["calibration"]["method"] == "temperature"
-    assert mlflow.MlflowClient().get_run(v2.run_id).data.metrics["calibration_temperature"] == t
-    # The fitted T is the one that minimises the validation NLL of this model (evaluate fitted it, not a stale one).
-    from tunepipe.modeling import load_trained
-
-    info, task, model, tok = load_trained(root / "models/model")
-    validation = datasets.load_from_disk(str(root / "data/tokenized"))["validation"]
-    assert SoftmaxTemperature().fit(*task.calibration_data(model, tok, validation, info)) == pytest.approx(t, rel=1e-3)
-    assert np.allclose(served, softmax(logits / t), atol=1e-4)  # ONNX vs PyTorch logits, divided by T
-    assert np.abs(served - softmax(logits)).max() > 0.01  # visibly not the uncalibrated softmax
+    v2 = read_json(repo / "reports/export.json")["registered"]["version"]
+    assert v2 == v1 + 1
+    assert np.allclose(served_by_registry(repo, f"models:/{name}/{v2}", texts), softmax(logits), atol=1e-5)
+    assert "REFUSE: macro_f1 gain +0.0000" in tunepipe(capsys, "promote", code=1)
+    assert np.allclose(served_by_registry(repo, f"models:/{name}@champion", texts), served, atol=1e-12)
