@@ -5,9 +5,9 @@ Tiny settings, as tests/test_queue.py: the tiny random BERT, 90 synthetic rows, 
 explanations off. Each experiment re-runs finetune, evaluate and export (the data stages come from the committed
 baseline), so the figures are mostly process start-up, DVC's own work and MLflow, not training.
 
-    python benchmarks/queue.py [--experiments 4] [--jobs 1 2]
+    python benchmarks/dvc_queue.py [--experiments 4] [--jobs 1 2]
 
-Writes benchmarks/queue.json and prints a Markdown table.
+Writes benchmarks/dvc_queue.json and prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def main() -> None:
         lines.append(f"| `{run['how']}` | {run['seconds']:.0f} s | {run['seconds'] / args.experiments:.1f} s | "
                      f"{seq / run['seconds']:.2f}x |")
     print("\n".join(lines))
-    (REPO / "benchmarks/queue.json").write_text(json.dumps(results, indent=2) + "\n")
+    (REPO / "benchmarks/dvc_queue.json").write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":
