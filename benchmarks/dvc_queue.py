@@ -69,30 +69,35 @@ def main() -> None:
         rates = iter(round(1e-3 * (i + 1), 6) for i in range(args.experiments * (len(args.jobs) + 1)))
 
         root = project(base / "sequential", model_dir)
+        load = os.getloadavg()[0]  # other work on the machine: the figures mean little unless it is near 0
         t0 = time.monotonic()
         for _ in range(args.experiments):
             sh(["dvc", "exp", "run", "-S", f"finetune.learning_rate={next(rates)}"], root)
         took = time.monotonic() - t0
-        results["runs"].append({"how": "dvc exp run, one after another", "jobs": 1, "seconds": round(took, 1)})
+        results["runs"].append({"how": "dvc exp run, one after another", "jobs": 1, "seconds": round(took, 1),
+                                "load_average_before": round(load, 2)})
         print(f"sequential: {took:.0f}s", flush=True)
 
         for jobs in args.jobs:
             root = project(base / f"jobs{jobs}", model_dir)
             for _ in range(args.experiments):
                 sh(["dvc", "exp", "run", "--queue", "-S", f"finetune.learning_rate={next(rates)}"], root)
+            load = os.getloadavg()[0]
             rows, took = run_queue(root, jobs, timeout=3600)
             failed = [r for r in rows if r[-1] != "Success"]
             assert not failed, failed
-            results["runs"].append({"how": f"dvc queue start --jobs {jobs}", "jobs": jobs, "seconds": round(took, 1)})
+            results["runs"].append({"how": f"dvc queue start --jobs {jobs}", "jobs": jobs, "seconds": round(took, 1),
+                                    "load_average_before": round(load, 2)})
             print(f"--jobs {jobs}: {took:.0f}s", flush=True)
 
     seq = results["runs"][0]["seconds"]
     lines = [f"{args.experiments} experiments (finetune, evaluate, export each), {results['cpu']}, load average "
              f"{results['load_average_at_start'][0]:.2f} at start", "",
-             "| how | wall time | per experiment | vs one after another |", "| --- | --- | --- | --- |"]
+             "| how | wall time | per experiment | vs one after another | load average before |",
+             "| --- | --- | --- | --- | --- |"]
     for run in results["runs"]:
         lines.append(f"| `{run['how']}` | {run['seconds']:.0f} s | {run['seconds'] / args.experiments:.1f} s | "
-                     f"{seq / run['seconds']:.2f}x |")
+                     f"{seq / run['seconds']:.2f}x | {run['load_average_before']:.2f} |")
     print("\n".join(lines))
     (REPO / "benchmarks/dvc_queue.json").write_text(json.dumps(results, indent=2) + "\n")
 
