@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,38 +27,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
-def cpu() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    info = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-    return f"{info.get('Model name', platform.processor()).strip()}, {os.cpu_count()} cores"
-
-
-def project(base: Path, model_dir: Path) -> Path:
-    """A clone of this repository with the tiny settings, its baseline run committed."""
-    import yaml
-
-    from tests.helpers import clone_repo, commit_all, sh, synthetic_rows, tiny_params, write_csv
-
-    root = clone_repo(base / "repo")
-    write_csv(root / "data/raw/train.csv", synthetic_rows(90))
-    params = tiny_params(model_dir, **{"finetune.epochs": 1.0, "robustness.perturbations": [],
-                                       "explain.examples_per_class": 0})
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    commit_all(root)
-    sh(["dvc", "repro"], root)
-    commit_all(root, "baseline")
-    return root
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--experiments", type=int, default=4)
     ap.add_argument("--jobs", type=int, nargs="+", default=[1, 2])
     args = ap.parse_args()
 
-    from tests.helpers import run_queue, sh, tiny_model
+    from tests.helpers import queue_project, run_queue, sh, tiny_model
+    from tunepipe.modeling import cpu_isa, cpu_model
 
-    results = {"cpu": cpu(), "load_average_at_start": os.getloadavg(), "experiments": args.experiments,
+    results = {"cpu": f"{cpu_model()} ({cpu_isa()}), {os.cpu_count()} cores",
+               "load_average_at_start": os.getloadavg(), "experiments": args.experiments,
                "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "runs": []}
     with tempfile.TemporaryDirectory(prefix="tunepipe-queue-bench-") as tmp:
         base = Path(tmp)
@@ -68,7 +45,7 @@ def main() -> None:
         # Learning rates unique across all configurations: no experiment repeats another's params.
         rates = iter(round(1e-3 * (i + 1), 6) for i in range(args.experiments * (len(args.jobs) + 1)))
 
-        root = project(base / "sequential", model_dir)
+        root = queue_project(base / "sequential", model_dir)
         load = os.getloadavg()[0]  # other work on the machine: the figures mean little unless it is near 0
         t0 = time.monotonic()
         for _ in range(args.experiments):
@@ -79,7 +56,7 @@ def main() -> None:
         print(f"sequential: {took:.0f}s", flush=True)
 
         for jobs in args.jobs:
-            root = project(base / f"jobs{jobs}", model_dir)
+            root = queue_project(base / f"jobs{jobs}", model_dir)
             for _ in range(args.experiments):
                 sh(["dvc", "exp", "run", "--queue", "-S", f"finetune.learning_rate={next(rates)}"], root)
             load = os.getloadavg()[0]

@@ -184,6 +184,20 @@ def sh(cmd: list[str], cwd: Path, env: dict[str, str | None] | None = None) -> s
 QUEUE_STATES = ("Queued", "Running", "Success", "Failed")
 
 
+def queue_project(base: Path, model_dir: Path) -> Path:
+    """A clone of this repository on the tiny settings (90 rows, 1 epoch, robustness and explanations off), its
+    baseline `dvc repro` committed: queued experiments reuse its data stages."""
+    root = clone_repo(base / "repo")
+    write_csv(root / "data/raw/train.csv", synthetic_rows(90))
+    params = tiny_params(model_dir, **{"finetune.epochs": 1.0, "robustness.perturbations": [],
+                                       "explain.examples_per_class": 0})
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    commit_all(root)
+    sh(["dvc", "repro"], root)
+    commit_all(root, "baseline")
+    return root
+
+
 def queue_rows(root: Path) -> list[list[str]]:
     """`dvc queue status` as rows (Task, Name, Created..., Status): the experiments' lines only."""
     rows = [line.split() for line in sh(["dvc", "queue", "status"], root).stdout.splitlines()]

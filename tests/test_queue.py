@@ -12,7 +12,7 @@ import mlflow
 import pytest
 import yaml
 
-from tests.helpers import clone_repo, commit_all, run_queue, sh, synthetic_rows, tiny_params, write_csv
+from tests.helpers import queue_project, run_queue, sh
 from tunepipe.params import TrackingParams
 from tunepipe.paths import project_root
 from tunepipe.sweep.study import default_storage
@@ -63,14 +63,7 @@ def _sha(path: Path) -> str:
 
 @pytest.mark.slow
 def test_queued_experiments_in_parallel_each_record_their_own_run(tmp_path, tiny_model_dir):
-    root = clone_repo(tmp_path / "repo")
-    write_csv(root / "data/raw/train.csv", synthetic_rows(90))
-    params = tiny_params(tiny_model_dir, **{"finetune.epochs": 1.0, "robustness.perturbations": [],
-                                            "explain.examples_per_class": 0})
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    commit_all(root)
-    sh(["dvc", "repro"], root)  # the baseline: every experiment reuses its data stages
-    commit_all(root, "baseline")
+    root = queue_project(tmp_path, tiny_model_dir)  # the baseline: every experiment reuses its data stages
     workspace = {p: _sha(root / p) for p in ("reports", "models/model", "models/onnx", "models/checkpoints")}
 
     for lr in RATES:
