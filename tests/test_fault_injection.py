@@ -231,6 +231,20 @@ def test_kill_9_each_stage_then_repro_gives_the_uninterrupted_result(tmp_path, t
         assert (root / f).read_text() == expected_files[f], f"after resuming: {f}"
     assert _leftovers(root) == []
 
+    # export killed while its temp folder exists, then a plain `dvc repro`: the same deps as the export that just
+    # finished, so DVC's run cache would restore its outputs without running it, and only export's own run removes
+    # the folder. (Seen in CI: round 2 left models/.onnx.PID.tmp.) models/onnx is persist, so export runs again.
+    res = repro(root, ["-f", "--downstream", "evaluate"], tmp_path / "call-export-tmp.log",
+                kill_when=("export", lambda: any((root / "models").glob(".onnx.*.tmp"))))
+    assert res["killed"], res["output"][-3000:]
+    kills.append(("extra", "export", "temp folder written", res["landed"]))
+    landed += res["landed"]
+    res = repro(root, [], tmp_path / "call-after-export-tmp.log")
+    assert res["rc"] == 0 and "Running stage 'export'" in res["output"], res["output"][-3000:]
+    exported.add(_exported_version(root))
+    assert json.loads((root / "reports/metrics.json").read_text()) == expected
+    assert _leftovers(root) == []
+
     versions = _registry_versions(root)
     duplicates = len(versions - exported)
     summary = (f"{len(kills)} kills across {len(STAGES)} stages ({landed} while the stage ran, "
