@@ -23,6 +23,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 MODEL_FILE = "model.onnx"
 SERVE_CODE = "serve.py"  # the task's output code (tasks/<task>/serve.py), copied into the export
@@ -189,6 +190,24 @@ def with_explanations(rows: list[dict], texts: list[str], explainer, label: str 
     return [{**row, **exp} for row, exp in zip(rows, explainer.explain(texts, label or None), strict=True)]
 
 
+class RequestRefused(mlflow.exceptions.MlflowException):
+    """A request over the limits, as MLflow's scoring server answers it: HTTP 400 (INVALID_PARAMETER_VALUE) with
+    this message. The server would prefix "Failed to predict data '<the request>'" to it, echoing a refused 10 MB
+    text back whole: the message stays as raised."""
+
+    def __init__(self, message: str):
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+    @property
+    def message(self) -> str:
+        return self._message
+
+    @message.setter
+    def message(self, value: str) -> None:
+        if not hasattr(self, "_message"):  # set once, by MlflowException.__init__
+            self._message = value
+
+
 # Request params the served model takes (declared in its signature, so `mlflow models serve` accepts them).
 PARAMS = {"explain": False, "explain_label": ""}
 
@@ -204,7 +223,7 @@ class TunepipeModel(mlflow.pyfunc.PythonModel):
         try:
             self.predictor.check_request(texts)
         except RequestTooLarge as exc:  # the scoring server answers this with 400 and the message
-            raise mlflow.exceptions.MlflowException.invalid_parameter_value(str(exc)) from None
+            raise RequestRefused(str(exc)) from None
         rows = self.predictor.predict(texts)
         params = {**PARAMS, **(params or {})}
         if params["explain"]:
