@@ -44,7 +44,9 @@ def main() -> None:
             # Explanations (serving/explain.py) run the fine-tuned PyTorch model, logged with the served one; the
             # fingerprint tells `tunepipe predict --explain` whether models/model is the model exported here.
             "explainable": task.explainable, "explain_steps": p.explain.n_steps,
-            "model_fingerprint": info.get("fingerprint")}
+            "model_fingerprint": info.get("fingerprint"),
+            # Request-size limits the served model and `tunepipe predict` enforce (serving/pyfunc_model.py).
+            **p.serve.model_dump()}
     cal = calibrator(task.calibrator)
     # Parity covers what is served: tunepipe's calibrated probabilities of the PyTorch logits (what evaluate
     # scored) against the served code's probabilities of the ONNX logits.

@@ -26,7 +26,14 @@ from tunepipe.paths import AUGMENTED, CHECKPOINTS, MODEL, PLOTS, PREPARED_META, 
 from tunepipe.plots import plot_curves
 from tunepipe.progress import duration, say
 from tunepipe.tasks import get_task
-from tunepipe.training import build_trainer, class_weights, fingerprint, history_curves, resumable_checkpoint
+from tunepipe.training import (
+    build_trainer,
+    class_weights,
+    fingerprint,
+    history_curves,
+    resumable_checkpoint,
+    training_mfu,
+)
 
 
 def main() -> None:
@@ -120,6 +127,10 @@ def save(p, trainer, result, meta: dict, labels: list[str], fp: str, weights: li
         "effective_batch_size": trainer.args.per_device_train_batch_size * trainer.args.world_size
         * trainer.args.gradient_accumulation_steps,
         "cpu_bf16_matmul_speedup": bf16_speedup,
+        # Model FLOPs utilisation: FLOPs per real token x tokens/s over the peak matmul rate in this precision,
+        # measured here and now (training.training_mfu); train_runtime includes validation and checkpoints.
+        **training_mfu(trainer.model, trainer.train_dataset, p, None if resume_from else
+                       trainer.state.num_input_tokens_seen / max(runtime, 1e-9), precision, trainer.args.world_size),
         # finetune.class_weights as applied: {label: loss weight}, None = unweighted
         "class_weights": dict(zip(labels, (round(w, 6) for w in weights), strict=True)) if weights else None,
         "adversarial": adversarial_info(p),
@@ -141,8 +152,11 @@ def save(p, trainer, result, meta: dict, labels: list[str], fp: str, weights: li
     write_json(TRAIN_REPORT, summary)
 
     client = mlflow.MlflowClient()
-    client.log_batch(run_id, metrics=[mlflow.entities.Metric(f"best_val_{metric}", float(best or 0.0),
-                                                             int(time.time() * 1000), trainer.state.global_step)])
+    now = int(time.time() * 1000)
+    speed = {k: summary[k] for k in ("train_tokens_per_s", "achieved_gflops", "peak_matmul_gflops", "mfu")
+             if summary[k] is not None}  # none of them for a resumed run's rate, which covers only its last part
+    client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), now, trainer.state.global_step) for k, v in
+                                      {f"best_val_{metric}": best or 0.0, **speed}.items()])
     client.log_artifact(run_id, str(PLOTS / "training_curves.png"), "plots")
     if weights:  # the param says `balanced`; the tag says what that came to on this data
         client.set_tag(run_id, "tunepipe.class_weights", json.dumps(summary["class_weights"]))
@@ -151,7 +165,8 @@ def save(p, trainer, result, meta: dict, labels: list[str], fp: str, weights: li
     for ckpt in CHECKPOINTS.glob("checkpoint-*"):
         shutil.rmtree(ckpt, ignore_errors=True)
     write_json(CHECKPOINTS / "state.json", {"fingerprint": fp, "run_id": run_id, "status": "complete"})
-    rate = f", {summary['train_tokens_per_s']:,.0f} real tokens/s" if summary["train_tokens_per_s"] else ""
+    rate = (f", {summary['train_tokens_per_s']:,.0f} real tokens/s, MFU {summary['mfu']:.1%} of the "
+            f"{summary['peak_matmul_gflops']:,.0f} GFLOP/s {precision} matmul peak" if summary["mfu"] else "")
     say(f"finetune: best validation {metric} {best:.4f} at step {summary['best_step']}/{summary['global_step']}, "
         f"trained in {duration(summary['train_runtime_s'])}{rate}")
 

@@ -266,6 +266,9 @@ def test_evaluate_writes_calibration_and_export_serves_it(project, monkeypatch):
     report = read_json(root / "reports/export.json")
     assert report["temperature"] == 4.0 and report["fp32_max_abs_prob_diff"] <= report["parity_tolerance"]
     assert read_json(root / "models/onnx/tunepipe.json")["temperature"] == 4.0
+    # The request-size limits travel with the model (params.yaml's serve section, as the project sets it).
+    served = read_json(root / "models/onnx/tunepipe.json")
+    assert {k: served[k] for k in ("max_texts_per_request", "max_text_chars")} == load_params().serve.model_dump()
     predictor = TextPredictor(root / "models/onnx")
     texts = ["great love the flight", "awful hate it", "a table by the window"]
     expected = softmax(predictor.logits(texts).astype(np.float64) / 4.0)

@@ -80,8 +80,10 @@ def onnx_exports(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
         onnx.save(graph, str(d / "model.onnx"))  # one self-contained file
         tok.save_pretrained(d)
         shutil.copy(get_task("classification").serve_code, d / "serve.py")  # as export does
+        # The random model carries request-size limits (serve.*, as export stores them); small ones, to test them.
+        limits = {"max_texts_per_request": 3, "max_text_chars": 200} if variant == "random" else {}
         (d / "tunepipe.json").write_text(json.dumps({"task": "classification", "labels": LABELS, "max_length": 32,
-                                                     "input_names": names}))
+                                                     "input_names": names, **limits}))
         out[variant] = d
     return out
 
@@ -506,6 +508,51 @@ def test_serve_and_predict_the_champion_registered_by_export(reg, onnx_exports, 
             assert len(preds) == 2 and all(x["label"] in LABELS for x in preds)
             assert preds[0]["label"] == res["label"]  # the same model as `tunepipe predict` used
             assert set(preds[0]["probabilities"]) == set(LABELS)
+        # Over the limits the export stored: 400 with the reason, before any work; the server keeps serving.
+        url = f"http://127.0.0.1:{port}/invocations"
+        for payload, key in (({"inputs": ["a flight"] * 4}, "serve.max_texts_per_request"),
+                             ({"inputs": ["ok", "x" * 100_000]}, "serve.max_text_chars"),
+                             ({"dataframe_records": [{"text": "a flight"}] * 50_000}, "serve.max_texts_per_request")):
+            status, body = post_status(url, payload)
+            assert status == 400 and body["error_code"] == "INVALID_PARAMETER_VALUE", (status, body)
+            assert key in body["message"] and len(body["message"]) < 20_000  # not an echo of the whole request
+        assert len(post_json(url, {"inputs": ["a flight"] * 3})["predictions"]) == 3  # at the limit: served
+
+    # `tunepipe predict` refuses the same, registered or from the export directory, as a one-line error.
+    for model in (f"models:/{reg.name}@champion", str(onnx_exports["random"])):
+        code, out, err = reg.cli("predict", "--model", model, "a", "b", "c", "d")
+        assert code == 2 and "4 texts at once" in err and "serve.max_texts_per_request" in err and not out, err
+        code, out, err = reg.cli("predict", "--model", model, "x" * 201)
+        assert code == 2 and "serve.max_text_chars" in err and "Traceback" not in err, err
+
+
+def post_status(url: str, payload: dict) -> tuple[int, dict]:
+    """(HTTP status, JSON body) of a POST, error statuses included."""
+    import urllib.error
+
+    try:
+        return 200, post_json(url, payload)
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_request_limits_of_the_served_model(onnx_exports):
+    """In-process: the served predict() raises what MLflow's scoring server turns into HTTP 400; the served
+    signature's example and a request at the limits pass; promote --reevaluate scores past the limits."""
+    from types import SimpleNamespace
+
+    from tunepipe.registry.evidence import WholeSplit
+    from tunepipe.serving.pyfunc_model import TunepipeModel
+
+    model = TunepipeModel()
+    model.load_context(SimpleNamespace(artifacts={"model_dir": str(onnx_exports["random"])}))
+    assert len(model.predict(None, ["a", "b", "x" * 200])) == 3
+    for texts, key in ((["a"] * 4, "serve.max_texts_per_request"), (["a", "x" * 201], "serve.max_text_chars")):
+        with pytest.raises(mlflow.exceptions.MlflowException, match=key.replace(".", r"\.")) as exc:
+            model.predict(None, pd.DataFrame({"text": texts}))
+        assert exc.value.get_http_status_code() == 400 and exc.value.error_code == "INVALID_PARAMETER_VALUE"
+    whole = WholeSplit(SimpleNamespace(unwrap_python_model=lambda: model))
+    assert len(whole.predict(["a flight"] * 10 + ["x" * 500])) == 11
 
 
 # ---------------------------------------------------------------------------------------------- PostgreSQL

@@ -269,6 +269,14 @@ def test_every_precision_trains_on_cpu(project, monkeypatch, capsys, requested, 
     summary = read_json(root / "reports/train.json")
     assert summary["precision"] == PRECISION_NAME[expected] and summary["precision_requested"] == requested
     assert summary["device"].startswith("cpu (") and 0 <= summary["best_val_macro_f1"] <= 1
+    # MFU: achieved FLOP/s over the matmul peak of the precision trained in, measured in the same run.
+    assert 0 < summary["mfu"] <= 1 and summary["peak_matmul_gflops"] > 0 and summary["train_flops_per_token"] > 0
+    assert summary["achieved_gflops"] == pytest.approx(
+        summary["train_flops_per_token"] * summary["train_tokens_per_s"] / 1e9, rel=1e-3)
+    assert summary["mfu"] == pytest.approx(summary["achieved_gflops"] / summary["peak_matmul_gflops"], rel=0.02)
+    logged = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}").get_run(
+        read_json(root / "models/model/training_info.json")["run_id"]).data.metrics
+    assert logged["mfu"] == summary["mfu"] and logged["train_tokens_per_s"] == summary["train_tokens_per_s"]
     saved = json.loads((root / "models/model/config.json").read_text())
     assert saved.get("dtype", saved.get("torch_dtype", "float32")) == "float32"  # autocast: weights stay fp32
     evaluate.main()
@@ -307,6 +315,22 @@ def test_auto_precision_follows_the_cpu(monkeypatch, fresh_bf16_measure, flags, 
 def test_matmul_speedup_runs_both_precisions_on_this_cpu():
     """The real measurement, whatever this CPU is: both precisions run and give a ratio."""
     assert 0 < modeling.matmul_speedup() < 100
+
+
+def test_training_flops_per_token_formula(tiny_model_dir):
+    """6 x non-embedding parameters (transformers' own count) + 12 x layers x hidden x attended length per real
+    token; 4 x with LoRA's frozen weights; x passes for adversarial training."""
+    from transformers import BertForSequenceClassification
+
+    from tunepipe.training import train_flops_per_token
+
+    model = BertForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=3)
+    n = model.num_parameters(exclude_embeddings=True)
+    assert 0 < n < model.num_parameters()  # the embeddings are left out
+    cfg = model.config
+    attention = 12 * cfg.num_hidden_layers * cfg.hidden_size * (2**2 + 4**2) / (2 + 4)  # texts of 2 and 4 tokens
+    assert train_flops_per_token(model, [2, 4]) == pytest.approx(6 * n + attention)
+    assert train_flops_per_token(model, [2, 4], lora=True, passes=2) == pytest.approx(2 * (4 * n + attention))
 
 
 def test_int8_recipe_agrees_with_pytorch_on_a_tiny_model(tiny_model_dir, tmp_path):

@@ -32,15 +32,15 @@ def load_predictor(model: str, params_file: str, explain: dict | None = None):
         except ValueError as exc:  # e.g. an export made before its task's output code travelled with it
             raise UserError(f"--model: {exc}") from None
         if explain is None:
-            return predictor.task, predictor.predict
+            return predictor.task, within_limits(predictor, predictor.predict)
         get_task(predictor.task).check_explainable("--explain")
         try:
             explainer = load_explainer(predictor.meta, trained_model_beside(path, predictor.meta))
         except ValueError as exc:
             raise UserError(f"--explain: {str(exc).removeprefix('explain: ')}") from None
         check_label(explain["label"], predictor.labels)
-        return predictor.task, lambda texts: with_explanations(predictor.predict(texts), texts, explainer,
-                                                               explain["label"])
+        return predictor.task, within_limits(predictor, lambda texts: with_explanations(
+            predictor.predict(texts), texts, explainer, explain["label"]))
     import mlflow
 
     from tunepipe import tracking
@@ -66,7 +66,23 @@ def load_predictor(model: str, params_file: str, explain: dict | None = None):
         except ValueError as exc:  # the served model's own message (e.g. a version registered before explanations)
             raise UserError(f"--explain: {str(exc).removeprefix('explain: ')}") from None
 
-    return predictor.task, predict
+    return predictor.task, within_limits(predictor, predict)
+
+
+def within_limits(predictor, predict):
+    """`predict`, refusing texts over the model's request-size limits (serve.*, stored with it at export) as the
+    served model does, before any work."""
+
+    def checked(texts: list[str]) -> list[dict]:
+        try:
+            predictor.check_request(texts)
+        # Its RequestTooLarge (a ValueError): a registered model's code is its own module, with its own class.
+        except ValueError as exc:
+            raise UserError(f"predict: {str(exc).replace('in one request', 'at once')}; or raise the limit in "
+                            "params.yaml and export again (`dvc repro export`)") from None
+        return predict(texts)
+
+    return checked
 
 
 def trained_model_beside(export: Path, meta: dict) -> Path:

@@ -243,21 +243,35 @@ def cpu_bf16_speedup() -> float | None:
 
 
 def matmul_speedup() -> float:
-    """A MiniLM feed-forward matmul on a batch (2048 tokens x 384 -> 1536) in fp32 and bf16: best of 5 after
-    warm-up, the two interleaved so that a busy machine slows both alike (~0.2 s in all)."""
+    """fp32 time / bf16 time of the matmul of matmul_rates, measured interleaved."""
+    rates = matmul_rates(("fp32", "bf16"))
+    return round(rates["bf16"] / rates["fp32"], 2)
+
+
+MATMUL_SHAPE = (2048, 384, 1536)  # a MiniLM feed-forward matmul on a batch: 2048 tokens x 384 -> 1536
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def matmul_rates(precisions: tuple[str, ...], device: str = "cpu") -> dict[str, float]:
+    """FLOP/s (2 x m x k x n per matmul) of MATMUL_SHAPE in each precision: best of 5 after warm-up, the
+    precisions interleaved so that a busy machine slows them alike (~0.1 s each on a CPU with fast bf16)."""
     import time
 
+    m, k, n = MATMUL_SHAPE
     gen = torch.Generator().manual_seed(0)
-    a, b = torch.randn(2048, 384, generator=gen), torch.randn(384, 1536, generator=gen)
-    pairs = {"fp32": (a, b), "bf16": (a.bfloat16(), b.bfloat16())}
+    a, b = torch.randn(m, k, generator=gen), torch.randn(k, n, generator=gen)
+    pairs = {name: (a.to(device, DTYPES[name]), b.to(device, DTYPES[name])) for name in precisions}
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     best = dict.fromkeys(pairs, float("inf"))
     for rep in range(7):
         for name, (x, y) in pairs.items():
+            sync()
             t0 = time.perf_counter()
             torch.matmul(x, y)
+            sync()
             if rep >= 2:
                 best[name] = min(best[name], time.perf_counter() - t0)
-    return round(best["fp32"] / best["bf16"], 2)
+    return {name: 2 * m * k * n / t for name, t in best.items()}
 
 
 def cpu_flags() -> set[str]:

@@ -168,6 +168,13 @@ class ExportParams(_Section):
     parity_tolerance: float = Field(default=1e-3, gt=0)
 
 
+class ServeParams(_Section):
+    """Request-size limits of the served model (`mlflow models serve`, `tunepipe predict`), stored with it at
+    export: a request over them is refused with a clear error (HTTP 400) instead of running out of memory."""
+    max_texts_per_request: int = Field(default=1000, ge=1)
+    max_text_chars: int = Field(default=10_000, ge=1)
+
+
 class TrackingParams(_Section):
     uri: str | None = None
     experiment: str = Field(default="tunepipe", min_length=1)
@@ -277,6 +284,7 @@ class Params(_Section):
     robustness: RobustnessParams = RobustnessParams()
     explain: ExplainParams = ExplainParams()
     export: ExportParams = ExportParams()
+    serve: ServeParams = ServeParams()
     tracking: TrackingParams = TrackingParams()
     sweep: SweepParams = SweepParams()
     promote: PromoteParams = PromoteParams()

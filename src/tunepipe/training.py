@@ -27,12 +27,13 @@ from tunepipe.progress import Progress
 from tunepipe.tasks import get_task
 
 
-def training_arguments(p: Params, metric: str, output_dir: str, precision: str, save_checkpoints: bool = True
-                       ) -> TrainingArguments:
+def training_arguments(p: Params, metric: str, output_dir: str, precision: str, save_checkpoints: bool = True,
+                       **overrides) -> TrainingArguments:
     """save_checkpoints=False (sweep trials): no checkpoint writes; best_metric and early stopping still work.
-    Under a distributed launch finetune.batch_size is the global batch, each process taking an equal share."""
+    Under a distributed launch finetune.batch_size is the global batch, each process taking an equal share.
+    overrides: other TrainingArguments (benchmarks/train_throughput.py tries e.g. torch_compile with them)."""
     ft = p.finetune
-    return TrainingArguments(
+    return TrainingArguments(**{**dict(
         output_dir=output_dir,
         learning_rate=ft.learning_rate,
         per_device_train_batch_size=distributed.per_device_batch(ft.batch_size, distributed.world_size()),
@@ -70,7 +71,7 @@ def training_arguments(p: Params, metric: str, output_dir: str, precision: str, 
         # Every parameter that trains is used in each step (the task heads, LoRA's adapters): DDP need not search
         # the graph for unused ones every step (Trainer's default for a model does, and warns that it found none).
         ddp_find_unused_parameters=False,
-    )
+    ), **overrides})
 
 
 def class_weights(p: Params, train: datasets.Dataset, labels: list[str]) -> list[float] | None:
@@ -104,10 +105,11 @@ def balanced_weights(counts: np.ndarray) -> list[float]:
 
 def build_trainer(p: Params, dsd: datasets.DatasetDict, labels: list[str], output_dir: str,
                   callbacks: list[TrainerCallback] = (), save_checkpoints: bool = True,
-                  precision: str | None = None) -> Trainer:
+                  precision: str | None = None, args_overrides: dict | None = None) -> Trainer:
     """The task (params' `task`) gives the head, the collator, the validation metrics and the loss with
     finetune.class_weights; the rest is shared. `precision`: as chosen already (by rank 0 of a distributed run,
-    so that all processes agree), else picked here from finetune.precision."""
+    so that all processes agree), else picked here from finetune.precision. args_overrides: other
+    TrainingArguments, for benchmarks."""
     task = get_task(p.task)
     weights = class_weights(p, dsd["train"], labels)
     transformers.set_seed(p.finetune.seed)  # the fresh head's init depends on it too
@@ -116,7 +118,8 @@ def build_trainer(p: Params, dsd: datasets.DatasetDict, labels: list[str], outpu
     precision = precision or pick_precision(p.finetune.precision)
     trainer = _Trainer(
         model=model,
-        args=training_arguments(p, task.headline_metric, output_dir, precision, save_checkpoints),
+        args=training_arguments(p, task.headline_metric, output_dir, precision, save_checkpoints,
+                                **(args_overrides or {})),
         train_dataset=dsd["train"],
         eval_dataset=dsd["validation"],
         processing_class=tokenizer,
@@ -249,6 +252,45 @@ class _Trainer(Trainer):
         if "text_id" in getattr(self.eval_dataset, "column_names", ()):
             return torch.utils.data.SequentialSampler(eval_dataset)
         return super()._get_eval_sampler(eval_dataset)
+
+
+def train_flops_per_token(model, lengths: list[int], lora: bool = False, passes: int = 1) -> float:
+    """Training FLOPs per real (non-padding) token, the usual estimate (Kaplan et al. 2020, PaLM's MFU):
+
+        (c x N + 12 x layers x hidden x (sum of len^2 / sum of len)) x passes
+
+    N: the non-embedding parameters (model.num_parameters(exclude_embeddings=True); Trainer.floating_point_ops
+    counts 6 x N per input token, padding included); c = 6 (forward 2, backward 4), or 4 with LoRA (the frozen
+    weights get no gradients). The attention scores and their weighted sum cost 4 x hidden FLOPs per attended
+    token per layer forward, x 3 with the backward; a token attends to its own text's `len` tokens, padding not
+    counted. passes: forward-backward passes per step (adversarial training runs 2 or more)."""
+    config = getattr(model, "config", None)
+    layers = getattr(config, "num_hidden_layers", None)
+    hidden = getattr(config, "hidden_size", None)
+    attended = float(np.sum(np.square(lengths, dtype=np.float64)) / max(np.sum(lengths), 1))
+    attention = 12 * layers * hidden * attended if layers and hidden else 0.0
+    return ((4 if lora else 6) * model.num_parameters(exclude_embeddings=True) + attention) * passes
+
+
+def training_mfu(model, train: datasets.Dataset, p: Params, tokens_per_s: float | None, precision: str,
+                 processes: int = 1) -> dict:
+    """Model FLOPs utilisation of a finished training run: achieved FLOP/s (train_flops_per_token x real tokens/s)
+    over the peak matmul rate of the precision trained in (modeling.matmul_rates, measured now, on this machine,
+    x processes: each process of a distributed run has its own share of the cores or its own GPU)."""
+    from tunepipe.modeling import matmul_rates
+
+    ft = p.finetune
+    lengths = train["length"] if "length" in train.column_names else [len(x) for x in train["input_ids"]]
+    passes = {"none": 1, "fgm": 2, "pgd": 1 + ft.adversarial_steps}[ft.adversarial]
+    per_token = train_flops_per_token(model, lengths, ft.peft == "lora", passes)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    peak = matmul_rates((precision,), device)[precision] * processes
+    out = {"train_flops_per_token": round(per_token), "peak_matmul_gflops": round(peak / 1e9, 1),
+           "achieved_gflops": None, "mfu": None}
+    if tokens_per_s:
+        achieved = per_token * tokens_per_s
+        out.update(achieved_gflops=float(f"{achieved / 1e9:.4g}"), mfu=float(f"{achieved / peak:.3g}"))
+    return out
 
 
 def history_curves(log_history: list[dict], metric: str) -> tuple[list[dict], list[dict]]:

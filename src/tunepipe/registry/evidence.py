@@ -83,10 +83,23 @@ def _reevaluate(name: str, s: PromoteParams, cand: Version, champ: Version | Non
             continue
         print(f"promote: re-scoring version {v.number} on {len(test)} rows of {test_path}", file=sys.stderr)
         try:
-            models[role] = mlflow.pyfunc.load_model(f"models:/{name}/{v.number}")
+            models[role] = WholeSplit(mlflow.pyfunc.load_model(f"models:/{name}/{v.number}"))
         except mlflow.exceptions.MlflowException as exc:
             raise mlflow_error(f"--reevaluate: could not load version {v.number}", exc) from None
     return {**task.rescore(s, test, models), "same_data": True, "reevaluated": True}
+
+
+class WholeSplit:
+    """A registered model scoring a whole test split in-process: its predictor directly, past the request-size
+    limits (serve.*) that its served predict() enforces on requests."""
+
+    def __init__(self, pyfunc):
+        self.predictor = pyfunc.unwrap_python_model().predictor
+
+    def predict(self, texts: list[str]):
+        import pandas as pd
+
+        return pd.DataFrame(self.predictor.predict(texts))
 
 
 def task_of(cand: Version, champ: Version | None) -> Task:

@@ -8,6 +8,10 @@ no pickle), and `tunepipe predict` uses the same TextPredictor on a local export
 With params {"explain": true} (optionally {"explain_label": "..."}) each output row also gets the word
 attributions of explain.py (stored beside this file), computed from the fine-tuned PyTorch model (the
 `torch_model_dir` artifact, loaded on the first such request); only this option needs torch and captum.
+
+Request-size limits (params serve.max_texts_per_request, serve.max_text_chars, stored in tunepipe.json at export):
+a request over them is refused before any tokenizing, as an MlflowException with INVALID_PARAMETER_VALUE, which
+MLflow's scoring server answers with HTTP 400 and the message.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 MODEL_FILE = "model.onnx"
 SERVE_CODE = "serve.py"  # the task's output code (tasks/<task>/serve.py), copied into the export
@@ -82,15 +87,41 @@ class TextPredictor:
             out.append(logits)
         return np.concatenate(out) if out else np.zeros((0, len(self.labels)), dtype=np.float32)
 
-    def run(self, enc) -> np.ndarray:
-        """The ONNX model's logits of one tokenized batch (numpy)."""
-        return self.session.run(None, {k: enc[k].astype(np.int64) for k in self.input_names})[0]
+    def run(self, enc, rows: int = 64) -> np.ndarray:
+        """The ONNX model's logits of one tokenized batch (numpy), `rows` sequences at a time: a batch of long
+        texts cut into windows holds many more sequences than texts, and memory grows with the sequences."""
+        n = len(enc["input_ids"])
+        return np.concatenate([self.session.run(None, {k: enc[k][i:i + rows].astype(np.int64)
+                                                       for k in self.input_names})[0]
+                               for i in range(0, max(n, 1), rows)])
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
         return probabilities(self.meta, logits)
 
     def predict(self, texts: list[str]) -> list[dict]:
         return self.output.predict(self, texts)
+
+    def check_request(self, texts: list[str]) -> None:
+        check_request(self.meta, texts)
+
+
+class RequestTooLarge(ValueError):
+    """A request over the model's request-size limits (the served model answers it with HTTP 400)."""
+
+
+def check_request(meta: dict, texts: list[str]) -> None:
+    """RequestTooLarge where `texts` exceed the limits export stored in tunepipe.json (an export made before the
+    limits existed has none)."""
+    most = meta.get("max_texts_per_request")
+    if most is not None and len(texts) > most:
+        raise RequestTooLarge(f"{len(texts):,} texts in one request; this model takes at most {most:,} "
+                              "(serve.max_texts_per_request): send them in smaller batches")
+    longest = meta.get("max_text_chars")
+    if longest is not None:
+        for i, text in enumerate(texts):
+            if len(text) > longest:
+                raise RequestTooLarge(f"text {i + 1} of {len(texts)} has {len(text):,} characters; this model takes "
+                                      f"at most {longest:,} per text (serve.max_text_chars): shorten or split it")
 
 
 def output_module(model_dir: Path, task: str):
@@ -159,6 +190,24 @@ def with_explanations(rows: list[dict], texts: list[str], explainer, label: str 
     return [{**row, **exp} for row, exp in zip(rows, explainer.explain(texts, label or None), strict=True)]
 
 
+class RequestRefused(mlflow.exceptions.MlflowException):
+    """A request over the limits, as MLflow's scoring server answers it: HTTP 400 (INVALID_PARAMETER_VALUE) with
+    this message. The server would prefix "Failed to predict data '<the request>'" to it, echoing a refused 10 MB
+    text back whole: the message stays as raised."""
+
+    def __init__(self, message: str):
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+    @property
+    def message(self) -> str:
+        return self._message
+
+    @message.setter
+    def message(self, value: str) -> None:
+        if not hasattr(self, "_message"):  # set once, by MlflowException.__init__
+            self._message = value
+
+
 # Request params the served model takes (declared in its signature, so `mlflow models serve` accepts them).
 PARAMS = {"explain": False, "explain_label": ""}
 
@@ -171,6 +220,10 @@ class TunepipeModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input, params=None):
         texts = as_texts(model_input)
+        try:
+            self.predictor.check_request(texts)
+        except RequestTooLarge as exc:  # the scoring server answers this with 400 and the message
+            raise RequestRefused(str(exc)) from None
         rows = self.predictor.predict(texts)
         params = {**PARAMS, **(params or {})}
         if params["explain"]:
