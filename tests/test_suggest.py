@@ -16,7 +16,7 @@ from tunepipe.errors import UserError
 
 PROBS = np.array([[0.98, 0.01, 0.01],   # sure
                   [0.34, 0.33, 0.33],   # most uncertain
-                  [0.50, 0.49, 0.01],   # smallest margin
+                  [0.45, 0.45, 0.10],   # smallest margin
                   [0.70, 0.20, 0.10],
                   [0.90, 0.05, 0.05]])
 

@@ -32,7 +32,7 @@ class SentenceEncoder:
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         # fp32 forced: the zero-shot figure must not depend on which CPU picks bf16.
         self.model = from_pretrained(name, "model weights", lambda path: AutoModel.from_pretrained(
-            path, trust_remote_code=False, torch_dtype=torch.float32)).to(self.device).eval()
+            path, trust_remote_code=False, dtype=torch.float32)).to(self.device).eval()
 
     def encode(self, texts: list[str]) -> np.ndarray:
         """(len(texts), hidden) float32, each row of unit length. Batches in order of length (little padding)."""
