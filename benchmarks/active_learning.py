@@ -55,8 +55,9 @@ def main() -> None:
     ap.add_argument("--step", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--strategies", default="entropy,random", help="comma-separated: entropy, margin, random")
-    ap.add_argument("--diversify", action="store_true", help="uncertainty strategies pick one per k-means cluster")
+    ap.add_argument("--strategies", default="entropy,random",
+                    help="comma-separated: entropy, margin, random; +diversify (e.g. entropy+diversify) picks one "
+                         "text per k-means cluster of the pool's sentence embeddings")
     ap.add_argument("--pool", type=int, default=None, help="subsample the train split to this many (default: all)")
     ap.add_argument("--test", type=int, default=None, help="subsample the test split to this many (default: all)")
     ap.add_argument("--epochs", type=float, default=3.0, help="finetune learner: epochs per round")
@@ -78,7 +79,8 @@ def main() -> None:
     test_y = np.array([labels.index(x) for x in test["label"]])
 
     emb = None
-    if args.learner == "embedding" or args.diversify:
+    strategies = args.strategies.split(",")
+    if args.learner == "embedding" or any(s.endswith("+diversify") for s in strategies):
         from tunepipe.embeddings import SentenceEncoder
 
         enc = SentenceEncoder(args.model)
@@ -89,22 +91,22 @@ def main() -> None:
 
     rows = []
     for seed in range(args.seeds):
-        for strategy in args.strategies.split(","):
+        for name in strategies:
+            strategy, diversify = name.removesuffix("+diversify"), name.endswith("+diversify")
             if args.learner == "embedding":
                 learner = embedding_learner(pool_texts + test_texts, all_emb, len(labels), seed)
             else:
                 learner = finetune_learner(args.model, len(labels), epochs=args.epochs, seed=seed)
-            div = emb if args.diversify and strategy != "random" else None
             t1 = time.perf_counter()
             got = simulate(pool_texts, pool_y, test_texts, test_y, learner, args.start, args.step, args.rounds,
-                           strategy, seed, embeddings=div)
+                           strategy, seed, embeddings=emb if diversify else None)
             for r in got:
                 r.pop("picked", None)
+                r["strategy"] = name
             rows += got
-            print(f"seed {seed} {strategy}: " + " ".join(f"{r['macro_f1']:.3f}" for r in got)
+            print(f"seed {seed} {name}: " + " ".join(f"{r['macro_f1']:.3f}" for r in got)
                   + f"  ({time.perf_counter() - t1:.0f} s)", flush=True)
 
-    strategies = args.strategies.split(",")
     print(f"\nmacro-F1 on {len(test_texts)} test texts, pool {len(pool_texts)}, learner {args.learner}, "
           f"{args.seeds} seed(s) (mean ± sd)")
     print("labelled | " + " | ".join(strategies))
