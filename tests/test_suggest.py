@@ -142,5 +142,13 @@ def test_suggest_bad_input_is_one_clear_line(exported, monkeypatch, capsys):
     assert "error: --input: missing.csv: file not found" in capsys.readouterr().err
     write_csv(exported / "nocol.csv", [("a", "b")], header=("body", "x"))
     with pytest.raises(UserError, match=r"--input: nocol.csv has no column 'text' \(columns: body, x\)"):
-        cli("suggest", "--input", "nocol.csv", "--output", "s.csv")
-    assert not (exported / "s.csv").exists() or (exported / "s.csv").stat().st_size > 0
+        cli("suggest", "--input", "nocol.csv", "--output", "never.csv")
+    assert not (exported / "never.csv").exists()
+
+
+def test_tasks_without_one_label_distribution_per_text_refuse():
+    from tunepipe.tasks import get_task
+
+    for name in ("ner", "multilabel"):
+        with pytest.raises(UserError, match=f"suggest: not available for {name} models"):
+            get_task(name).served_probabilities([])
