@@ -4,7 +4,9 @@ validation split (reports/calibration.json, which export stores with the model),
 split before and after it (metrics.json) and a reliability diagram; robustness: the headline metric on seeded,
 label-preserving perturbed copies of the prepared test split (tunepipe/robustness.py), in metrics.json and a plot;
 explanations: the most confident right and wrong test predictions per label with their word attributions
-(reports/explanations.html)."""
+(reports/explanations.html); zero-shot: the same metrics for a classifier that saw no labels (the nearest label
+description by sentence embedding, tunepipe/zeroshot.py), in reports/zero_shot.json and metrics.json's zero_shot
+block, so every run shows what fine-tuning buys."""
 
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from tunepipe.errors import run_main
 from tunepipe.explanations import write_explanations
 from tunepipe.files import write_csv, write_json, write_text
 from tunepipe.modeling import load_trained
-from tunepipe.params import load_params
+from tunepipe.params import check_label_descriptions, load_params
 from tunepipe.paths import (
     CALIBRATION,
     EXPLANATIONS,
@@ -33,10 +35,12 @@ from tunepipe.paths import (
     ROBUSTNESS_PNG,
     TEST_SPLIT,
     TOKENIZED,
+    ZERO_SHOT,
 )
 from tunepipe.plots import plot_reliability, plot_robustness
 from tunepipe.progress import say
 from tunepipe.robustness import robustness, selected
+from tunepipe.zeroshot import zero_shot
 
 
 def main() -> None:
@@ -46,6 +50,7 @@ def main() -> None:
     tracking.check_reachable(p.tracking)  # before evaluating, not after it
     info, task, model, tokenizer = load_trained(MODEL)  # the task comes from the model's own metadata
     selected(p.robustness, task)  # a perturbation the task cannot run fails now, not after the clean scoring
+    check_label_descriptions(p.data.label_descriptions, info["labels"])  # likewise a mistyped label
     splits = datasets.load_from_disk(str(TOKENIZED))
     test = splits["test"]
     result = task.evaluate(model, tokenizer, test, info["labels"], REPORTS, info=info)
@@ -57,11 +62,16 @@ def main() -> None:
     write_reliability(rows, record["temperature"])
     write_json(CALIBRATION, record)
     m = task.headline_metric
-    robust, robust_rows = robustness(task, p.robustness, model, tokenizer, pd.read_parquet(TEST_SPLIT), info,
-                                     result.metrics[m])
+    test_rows = pd.read_parquet(TEST_SPLIT)
+    robust, robust_rows = robustness(task, p.robustness, model, tokenizer, test_rows, info, result.metrics[m])
     write_csv(ROBUSTNESS_CSV, robust_rows, ["perturbation", "metric", "drop"])
     plot_robustness(robust_rows, m, ROBUSTNESS_PNG)
-    metrics = {**result.metrics, **scores, **robust, "test_data_hash": info["test_data_hash"]}
+    zs = zero_shot(p, task, info["labels"], test_rows)
+    write_json(ZERO_SHOT, zs)
+    # Its scalar metrics beside the fine-tuned model's, and the headline gap, so `dvc metrics show` has both.
+    zs_block = {k: v for k, v in zs.get("metrics", {}).items() if isinstance(v, int | float) and k != "n_test"}
+    gain = {"zero_shot": zs_block, "fine_tuning_gain": result.metrics[m] - zs_block[m]} if zs_block else {}
+    metrics = {**result.metrics, **scores, **robust, **gain, "test_data_hash": info["test_data_hash"]}
     write_json(METRICS, metrics)
     n_explained = write_explanations(p.explain, task, info, *test_data, TEST_SPLIT, MODEL, EXPLANATIONS)
 
@@ -71,10 +81,11 @@ def main() -> None:
     flat = {f"test_{k}": v for k, v in metrics.items() if isinstance(v, int | float)}
     flat.update({f"test_f1_{label}": f1 for label, f1 in result.per_label_f1.items()})
     flat.update({f"test_robust_{name}_{m}": row[m] for name, row in robust.get("robustness", {}).items()})
+    flat.update({f"test_zero_shot_{k}": v for k, v in zs_block.items()})
     if isinstance(record["temperature"], float):
         flat["calibration_temperature"] = record["temperature"]
     client.log_batch(info["run_id"], metrics=[mlflow.entities.Metric(k, float(v), now, 0) for k, v in flat.items()])
-    for path in [METRICS, CALIBRATION, RELIABILITY_PNG, ROBUSTNESS_PNG, EXPLANATIONS, *result.artifacts]:
+    for path in [METRICS, CALIBRATION, RELIABILITY_PNG, ROBUSTNESS_PNG, EXPLANATIONS, ZERO_SHOT, *result.artifacts]:
         client.log_artifact(info["run_id"], str(path), "evaluation")
     say(f"evaluate: test {task.headline_metric} {metrics[task.headline_metric]:.4f}, accuracy "
         f"{metrics.get('accuracy', 0):.4f}, n_test {metrics['n_test']} (per-class report: "
@@ -91,6 +102,11 @@ def main() -> None:
             f"{ROBUSTNESS_PNG})")
     else:
         say("evaluate: robustness report off (robustness.perturbations: [])")
+    if zs_block:
+        say(f"evaluate: zero-shot ({zs['method']}, {zs['model']}, no labels): test {m} {zs_block[m]:.4f}; "
+            f"fine-tuning adds {gain['fine_tuning_gain']:+.4f} ({ZERO_SHOT}, {zs['seconds']} s)")
+    else:
+        say(f"evaluate: zero-shot baseline skipped: {zs['skipped']}")
     if n_explained:
         say(f"evaluate: explained {n_explained} of the most confident right and wrong test predictions "
             f"({EXPLANATIONS})")

@@ -7,7 +7,7 @@ import sys
 from tunepipe.data import untracked_source
 from tunepipe.errors import run_main
 from tunepipe.files import atomic_dir, write_json
-from tunepipe.params import load_params
+from tunepipe.params import check_label_descriptions, load_params
 from tunepipe.paths import DATA_REPORT, PREPARED
 from tunepipe.progress import say
 from tunepipe.tasks import get_task
@@ -21,6 +21,7 @@ def main() -> None:
         print(warning, file=sys.stderr, flush=True)
     prepared = get_task(p.task).prepare(p)
     report = prepared.report
+    check_label_descriptions(p.data.label_descriptions, report["labels"])  # now, not after training
     with atomic_dir(PREPARED) as tmp:
         prepared.write(prepared.splits, tmp)
         write_json(tmp / "meta.json", {"task": p.task, "labels": report["labels"], "hashes": report["hashes"],

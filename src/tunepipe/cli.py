@@ -1,4 +1,4 @@
-"""The `tunepipe` command: predict, and the commands around the pipeline (sweep, promote, models).
+"""The `tunepipe` command: predict, and the commands around the pipeline (sweep, promote, models, suggest).
 
 Each subcommand lives in its own module with `add_parser(subparsers)`; this file only wires them.
 """
@@ -149,10 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--html", metavar="FILE", help="--explain: also write a highlighted HTML page")
     p.set_defaults(func=cmd_predict)
 
+    from tunepipe import suggest
     from tunepipe.registry import cli as registry_cli
     from tunepipe.sweep import cli as sweep_cli
 
-    for module in (sweep_cli, registry_cli):
+    for module in (sweep_cli, registry_cli, suggest):
         module.add_parser(sub)
     return parser
 

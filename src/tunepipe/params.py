@@ -41,6 +41,20 @@ class DataParams(_Section):
     label_columns: list[str] | None = None
     # multilabel only: a file with one label name per line; the data's labels are 0-based ids into it.
     label_names: str | None = None
+    # evaluate's zero-shot baseline: a sentence per label to embed instead of its name ({label: sentence}).
+    label_descriptions: dict[str, str] | None = None
+
+    @field_validator("label_descriptions", mode="before")
+    @classmethod
+    def _descriptions(cls, v: object) -> object:
+        if v is None:
+            return v
+        if not isinstance(v, dict) or not v:
+            raise ValueError(f"expected null or a mapping {{label: \"a sentence\"}}, got {v!r}")
+        for label, text in v.items():
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"the description of label {label!r} must be a non-empty sentence, got {text!r}")
+        return {str(label): text.strip() for label, text in v.items()}  # YAML reads a label 1 as a number
 
 
 class ModelParams(_Section):
@@ -163,6 +177,45 @@ class ExplainParams(_Section):
     n_steps: int = Field(default=32, ge=2, le=1000)
 
 
+class ZeroShotParams(_Section):
+    # embedding: cosine between each text's and each label's sentence embedding (offline); nli: transformers'
+    # zero-shot-classification pipeline with an NLI model from the hub (`model`); none: no baseline.
+    method: Literal["embedding", "nli", "none"] = "embedding"
+    model: str | None = None  # None = model.name's pretrained encoder (embedding); nli needs a hub NLI model
+    hypothesis_template: str = "This example is {}."  # nli only: each label's description goes into the {}
+    batch_size: int = Field(default=64, ge=1, le=4096)
+
+    @field_validator("hypothesis_template")
+    @classmethod
+    def _has_slot(cls, v: str) -> str:
+        if "{}" not in v:
+            raise ValueError(f"must contain {{}} where the label goes, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _nli_names_a_model(self) -> ZeroShotParams:
+        if self.method == "nli" and not self.model:
+            raise ValueError("method nli needs evaluate.zero_shot.model: a hub NLI model, e.g. "
+                             "facebook/bart-large-mnli (or use method: embedding offline)")
+        return self
+
+
+class EvaluateParams(_Section):
+    zero_shot: ZeroShotParams = ZeroShotParams()
+
+
+class SuggestParams(_Section):
+    n: int = Field(default=100, ge=1)  # texts to suggest
+    strategy: Literal["entropy", "margin", "random"] = "entropy"
+    diversify: bool = False  # k-means (k = n) on the texts' embeddings, the most uncertain text per cluster
+    # A text whose embedding has at least this cosine with an already labelled one (the prepared train split) is a
+    # near-duplicate and dropped; texts equal after normalising case and whitespace always are. 1.0 = only those.
+    near_duplicate: float = Field(default=0.95, gt=0, le=1)
+    text_column: str = Field(default="text", min_length=1)  # the input file's column of texts
+    seed: int = 0  # random strategy, k-means
+    batch_size: int = Field(default=64, ge=1, le=4096)  # embedding batch size
+
+
 class ExportParams(_Section):
     opset: int = Field(default=17, ge=11, le=23)
     parity_tolerance: float = Field(default=1e-3, gt=0)
@@ -281,6 +334,7 @@ class Params(_Section):
     finetune: FinetuneParams = FinetuneParams()
     multilabel: MultilabelParams = MultilabelParams()
     calibration: CalibrationParams = CalibrationParams()
+    evaluate: EvaluateParams = EvaluateParams()
     robustness: RobustnessParams = RobustnessParams()
     explain: ExplainParams = ExplainParams()
     export: ExportParams = ExportParams()
@@ -288,7 +342,7 @@ class Params(_Section):
     tracking: TrackingParams = TrackingParams()
     sweep: SweepParams = SweepParams()
     promote: PromoteParams = PromoteParams()
-
+    suggest: SuggestParams = SuggestParams()
 
     @field_validator("task")
     @classmethod
@@ -308,6 +362,14 @@ class Params(_Section):
         promote = self.promote.model_copy(update={"metric": get_task(self.task).headline_metric})
         object.__setattr__(self, "promote", promote)  # frozen model; this validator is its constructor's last step
         return self
+
+
+def check_label_descriptions(descriptions: dict[str, str] | None, labels: list[str]) -> None:
+    """data.label_descriptions may only name labels the data has (a typo would silently fall back to the name)."""
+    for label in descriptions or {}:
+        if label not in labels:
+            raise UserError(f"data.label_descriptions: unknown label {label!r} (the data's labels: "
+                            f"{', '.join(labels)}); fix or remove that key in params.yaml")
 
 
 def parse_params(raw: object, source: str = str(PARAMS_FILE)) -> Params:

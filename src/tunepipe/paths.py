@@ -36,6 +36,7 @@ RELIABILITY_CSV = PLOTS / "reliability.csv"
 RELIABILITY_PNG = PLOTS / "reliability.png"
 ROBUSTNESS_CSV = PLOTS / "robustness.csv"  # evaluate: the headline metric per perturbation of the test split
 ROBUSTNESS_PNG = PLOTS / "robustness.png"
+ZERO_SHOT = REPORTS / "zero_shot.json"  # evaluate: the no-label baseline (tunepipe/zeroshot.py) on the test split
 EXPORT_REPORT = REPORTS / "export.json"
 SWEEP_REPORTS = REPORTS / "sweep"
 

@@ -60,6 +60,7 @@ class Task:
       metrics.paired_p_value(s, new, old)      promote: paired test on two versions' predictions.csv
       metrics.rescore(s, test, models)         promote --reevaluate (optional)
       evaluate.decisions(logits, gold, info)   evaluate: explanations.html's right/wrong cases (explainable tasks)
+      evaluate.zero_shot_metrics(scores, test, labels)   evaluate: the zero-shot baseline scored (tunepipe/zeroshot.py)
       serve.predict(predictor, texts)          serving: logits -> the served output (a self-contained file that
                                                export copies into the exported model; see serve_code)
     The folder's __init__.py defines TASK, a subclass instance with the attributes and the few small methods
@@ -82,6 +83,9 @@ class Task:
     # Word attributions (serving/explain.py: integrated gradients of one label's logit per text, so a head with one
     # prediction per text): `tunepipe predict --explain`, the served {"explain": true}, evaluate's explanations.html.
     explainable: bool = False
+    # evaluate's zero-shot baseline (tunepipe/zeroshot.py): None where the task scores it (zero_shot_metrics), else
+    # why it cannot, recorded in reports/zero_shot.json.
+    zero_shot_unsupported: str | None = "no zero-shot form for this task"
 
     @property
     def serve_code(self) -> Path:
@@ -133,6 +137,16 @@ class Task:
         DataFrame): `perturb` (tunepipe/robustness.py) applied to each example's words, re-encoded the way the
         model was trained (info: training_info.json) and scored like the clean test split."""
         return self.part("evaluate").robust_score(model, tokenizer, test, perturb, info)
+
+    def zero_shot_metrics(self, scores: np.ndarray, test: pd.DataFrame, labels: list[str]) -> dict:
+        """The zero-shot baseline on the prepared test split, scored with the task's own test metrics (the same
+        layout as metrics.json's). scores: (n_texts, n_labels), higher = more likely (cosine or entailment)."""
+        return self.part("evaluate").zero_shot_metrics(scores, test, labels)
+
+    def served_probabilities(self, results: list[dict]) -> tuple[list[str], np.ndarray]:
+        """`tunepipe suggest`: the served results (serving/pyfunc_model.py's output) as (labels, an (n, n_labels)
+        probability matrix) to measure uncertainty on."""
+        raise UserError(f"suggest: not available for {self.name} models (it ranks one label distribution per text)")
 
     def paired_p_value(self, s: PromoteParams, new: pd.DataFrame, old: pd.DataFrame) -> float:
         return self.part("metrics").paired_p_value(s, new, old)

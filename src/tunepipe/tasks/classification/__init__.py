@@ -13,6 +13,7 @@ class Classification(Task):
     peft_task_type = "SEQ_CLS"
     long_text_modes = ("truncate", "window")
     explainable = True
+    zero_shot_unsupported = None  # nearest label description per text (evaluate.zero_shot_metrics)
 
     def validation_metrics(self, labels, validation, p):
         # Windows of one text are scored as that text, aggregated the way evaluate and serving do.
@@ -40,6 +41,12 @@ class Classification(Task):
         import numpy as np
 
         return np.asarray(train["labels"])  # one per text
+
+    def served_probabilities(self, results):
+        import numpy as np
+
+        labels = list(results[0]["probabilities"]) if results else []
+        return labels, np.array([[r["probabilities"][lab] for lab in labels] for r in results], dtype=np.float64)
 
     def describe_prediction(self, text, result):
         probs = "  ".join(f"{k}={v:.3f}" for k, v in result["probabilities"].items())

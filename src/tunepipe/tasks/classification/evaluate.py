@@ -93,6 +93,13 @@ def evaluate(model, tokenizer, test: datasets.Dataset, labels: list[str], report
                        plots / "confusion_matrix.png"], calibration=(logits, y_true))
 
 
+def zero_shot_metrics(scores: np.ndarray, test: pd.DataFrame, labels: list[str]) -> dict:
+    """The most similar label per text, scored like the fine-tuned model (classification_summary)."""
+    label2id = {lab: i for i, lab in enumerate(labels)}
+    gold = np.array([label2id[lab] for lab in test["label"]], dtype=np.int64)
+    return classification_summary(gold, np.asarray(scores).argmax(-1), labels)
+
+
 def decisions(logits: np.ndarray, gold: np.ndarray, info: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per text and label: softmax probability, predicted (the argmax) and gold, as evaluate scores them."""
     probs = np.exp(logits - logits.max(-1, keepdims=True))

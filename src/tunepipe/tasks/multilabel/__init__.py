@@ -17,6 +17,10 @@ class Multilabel(Task):
     problem_type = "multi_label_classification"
     calibrator = "sigmoid"  # one temperature per label (tunepipe/calibration.py)
     explainable = True  # one label's logit at a time (the most probable, or the one asked for)
+    # A label is given where the text's score passes a threshold; cosines have no threshold that holds without
+    # labelled data to tune it on, so an embedding baseline would report that guess, not the model.
+    zero_shot_unsupported = ("multi-label needs a decision threshold per label, which cannot be chosen without "
+                             "labelled data")
 
     def collator(self, tokenizer):
         from transformers import DataCollatorWithPadding

@@ -12,6 +12,7 @@ class Ner(Task):
     auto_model = "AutoModelForTokenClassification"
     peft_task_type = "TOKEN_CLS"
     extra_perturbations = ("context_noise",)  # noise around the entities, which stay as they are
+    zero_shot_unsupported = "NER tags words and spans, not texts: a sentence embedding has no per-word decision"
 
     def collator(self, tokenizer):
         from transformers import DataCollatorForTokenClassification
