@@ -133,10 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--html", metavar="FILE", help="--explain: also write a highlighted HTML page")
     p.set_defaults(func=cmd_predict)
 
+    from tunepipe.learning_curve import cli as learning_curve_cli
     from tunepipe.registry import cli as registry_cli
     from tunepipe.sweep import cli as sweep_cli
 
-    for module in (sweep_cli, registry_cli):
+    for module in (sweep_cli, learning_curve_cli, registry_cli):
         module.add_parser(sub)
     return parser
 

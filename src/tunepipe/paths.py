@@ -38,6 +38,7 @@ ROBUSTNESS_CSV = PLOTS / "robustness.csv"  # evaluate: the headline metric per p
 ROBUSTNESS_PNG = PLOTS / "robustness.png"
 EXPORT_REPORT = REPORTS / "export.json"
 SWEEP_REPORTS = REPORTS / "sweep"
+LEARNING_CURVE_REPORTS = REPORTS / "learning_curve"  # `tunepipe learning-curve`: points.csv, learning_curve.json/png
 
 # Stores created in the project when params.yaml names none.
 MLFLOW_DB = "mlflow.db"
