@@ -185,3 +185,14 @@ def test_tiny_learning_curve_end_to_end(project, capsys):
     again = capsys.readouterr().out
     assert "3/3 points finished" in again and "(0 run here" in again
     assert _read_csv(out / "points.csv") == rows
+
+
+def test_the_sentence_says_when_more_labels_are_needed_and_when_the_curve_is_not_bending():
+    short = summarize([50, 100, 200, 500, 1000], power_law([50, 100, 200, 500, 1000], A, B, C), 0.95, 20)
+    said = sentence(short, "macro_f1")
+    assert said.startswith("the 1k labels reach 0.737 macro_f1, short of 95% of the fitted plateau 0.800")
+    assert "which the fit puts at ~2.5k labels" in said
+    sizes = np.array([20, 40, 80, 160, 320])
+    straight = summarize(sizes, 0.1 + 0.05 * np.log10(sizes), 0.95, 20)
+    assert straight["n95"] > 10 * 320
+    assert "the curve is not levelling off yet" in sentence(straight, "macro_f1")

@@ -101,6 +101,8 @@ def plot_learning_curve(rows: list[dict], fit: dict | None, metric: str, caption
         if fit["n95"] is not None and fit["n95"] <= ns[-1]:
             ax.axvline(fit["n95"], ls="--", color="tab:green", label=f"{fit['share']:.0%} of plateau")
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("labelled training examples")
     ax.set_ylabel(f"test {metric}")
     ax.set_title("learning curve")

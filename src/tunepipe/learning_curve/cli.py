@@ -109,6 +109,10 @@ def run(p: Params, url: str, params_file: Path = PARAMS_FILE, out_dir: Path = LE
         raise UserError(f"{TOKENIZED}: no tokenized data; run `dvc repro tokenize` (or drop --no-repro)")
     datasets.disable_caching()  # the task's augmentation of a subset would write cache files into data/tokenized
     datasets.disable_progress_bars()
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # a bar per checkpoint saved
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # each point prints its own line
     dsd, meta = datasets.load_from_disk(str(TOKENIZED)), read_json(PREPARED_META)
     labels, train = meta["labels"], dsd["train"]
     if lc.max_train is not None and lc.max_train < len(train):

@@ -13,6 +13,8 @@ import numpy as np
 MIN_SIZES = 3
 # Starting exponents tried; the fit with the smallest squared error is kept (curve_fit finds a local minimum).
 START_C = (0.2, 0.5, 1.0)
+# The labels for a share of the plateau are only reported up to this multiple of the largest size measured.
+FAR = 10
 
 
 class TooFewPoints(ValueError):
@@ -117,7 +119,7 @@ def count(n: float) -> str:
         return f"{n:.0f}"
     if n < 1e6:
         return f"{n / 1000:.1f}k".replace(".0k", "k") if n < 1e4 else f"{n / 1000:.0f}k"
-    return f"{n / 1e6:.1f}M"
+    return f"{n / 1e6:.1f}M" if n < 1e9 else f"{n:.1e}"
 
 
 def _within(values: list[float] | None, show) -> str:
@@ -131,6 +133,11 @@ def sentence(s: dict, metric: str) -> str:
             + _within(boot["gain_doubling"], lambda v: f"{v:.3f}"))
     if n95 is None:
         return f"{metric} does not rise with more labels in the measured range (flat at {s['a']:.3f}); {gain}"
+    if n95 > FAR * largest:
+        # An extrapolation this far says only that the curve is not bending yet.
+        return (f"the {count(largest)} labels reach {s['metric_at_largest']:.3f} {metric} and the curve is not "
+                f"levelling off yet (the fit puts {share:.0%} of its plateau beyond {FAR}x the labels measured); "
+                f"{gain}")
     plateau = f"{share:.0%} of the fitted plateau {s['a']:.3f}" + _within(boot["a"], lambda v: f"{v:.3f}")
     labels = f"~{count(n95)} labels" + _within(boot["n95"], count)
     if n95 <= largest:
