@@ -196,3 +196,55 @@ def test_the_sentence_says_when_more_labels_are_needed_and_when_the_curve_is_not
     straight = summarize(sizes, 0.1 + 0.05 * np.log10(sizes), 0.95, 20)
     assert straight["n95"] > 10 * 320
     assert "the curve is not levelling off yet" in sentence(straight, "macro_f1")
+
+
+@pytest.mark.slow
+def test_two_workers_share_the_points(project):
+    """Two processes on one sqlite storage: each point is trained once, by one of them, and both write the curve."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    import optuna
+
+    from tests.helpers import REPO
+
+    root = project(150, **{"learning_curve.fractions": [0.25, 0.5, 0.75, 1.0], "learning_curve.seeds": 1,
+                           "learning_curve.bootstrap": 20})
+    from stages import prepare
+    from stages import tokenization as tokenize
+
+    prepare.main()
+    tokenize.main()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    logs = [root / f"worker{i}.log" for i in range(2)]
+    procs = []
+    for path in logs:
+        with path.open("w") as fh:
+            procs.append(subprocess.Popen([sys.executable, "-m", "tunepipe.cli", "learning-curve", "--no-repro"],
+                                          cwd=root, env=env, stdout=fh, stderr=subprocess.STDOUT))
+    try:
+        codes = [p.wait(timeout=500) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    text = [path.read_text() for path in logs]
+    assert codes == [0, 0], "\n".join(t[-2000:] for t in text)
+    assert sorted(re.search(r"study '\S+' (created|resumed)", t).group(1) for t in text) == ["created", "resumed"]
+    ran = [int(re.search(r"\((\d+) run here", t).group(1)) for t in text]
+    assert sum(ran) == 4, text  # every point once, over both workers
+
+    (name,) = optuna.get_all_study_names(f"sqlite:///{root / 'optuna.db'}")
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{root / 'optuna.db'}")
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert sorted(t.user_attrs["fraction"] for t in done) == [0.25, 0.5, 0.75, 1.0]
+    assert len(_read_csv(root / "reports/learning_curve/points.csv")) == 4
+
+
+def test_a_curve_flat_from_the_smallest_subset_says_so():
+    sizes = np.array([100, 200, 400, 800])
+    s = summarize(sizes, power_law(sizes, 0.7, 0.5, 1.0), 0.95, 20)  # 0.695 at 100 already: past 95% of 0.7
+    assert s["n95"] < 100
+    assert sentence(s, "accuracy").startswith("already the smallest subset, 100 labels, reaches 0.695 accuracy")

@@ -101,6 +101,8 @@ def summarize(n, y, share: float, resamples: int, seed: int = 0, upper: float | 
         **point,
         "share": share,
         "largest_n": int(largest),
+        "smallest_n": int(n.min()),
+        "metric_at_smallest": float(power_law(n.min(), a, b, c)),
         "metric_at_largest": float(power_law(largest, a, b, c)),
         "metric_at_n95": None if point["n95"] is None else float(power_law(point["n95"], a, b, c)),
         "residual_dof": dof,
@@ -139,6 +141,10 @@ def sentence(s: dict, metric: str) -> str:
                 f"levelling off yet (the fit puts {share:.0%} of its plateau beyond {FAR}x the labels measured); "
                 f"{gain}")
     plateau = f"{share:.0%} of the fitted plateau {s['a']:.3f}" + _within(boot["a"], lambda v: f"{v:.3f}")
+    if n95 < s["smallest_n"]:
+        return (f"already the smallest subset, {count(s['smallest_n'])} labels, reaches "
+                f"{s['metric_at_smallest']:.3f} {metric} ({plateau}); the full {count(largest)} add "
+                f"{s['metric_at_largest'] - s['metric_at_smallest']:.3f}; {gain}")
     labels = f"~{count(n95)} labels" + _within(boot["n95"], count)
     if n95 <= largest:
         return (f"with {labels} you reach {s['metric_at_n95']:.3f} {metric} ({plateau}); the full {count(largest)} "
