@@ -92,7 +92,7 @@ def run(p: Params, url: str, params_file: Path = PARAMS_FILE, out_dir: Path = LE
 
     from tunepipe import distributed, tracking
     from tunepipe.modeling import pick_precision
-    from tunepipe.sweep.runner import _setup_tracking, close_dead_runs, run_trials
+    from tunepipe.sweep.runner import _requeue_interrupted, _setup_tracking, close_dead_runs, run_trials
     from tunepipe.sweep.study import open_storage
     from tunepipe.tasks import get_task
     from tunepipe.training import fingerprint
@@ -112,7 +112,9 @@ def run(p: Params, url: str, params_file: Path = PARAMS_FILE, out_dir: Path = LE
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # a bar per checkpoint saved
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # each point prints its own line
+    # Each point prints its own line, a failed one its error (Objective._failed) and Ctrl-C or SIGTERM one line:
+    # Optuna's own lines would repeat them, with a traceback for an interrupted point.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     dsd, meta = datasets.load_from_disk(str(TOKENIZED)), read_json(PREPARED_META)
     labels, train = meta["labels"], dsd["train"]
     if lc.max_train is not None and lc.max_train < len(train):
@@ -171,6 +173,7 @@ def run(p: Params, url: str, params_file: Path = PARAMS_FILE, out_dir: Path = LE
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
+        _requeue_interrupted(study, objective.current)  # the point runs again when the curve is resumed
         raise
     finally:
         client.set_terminated(parent, status)
