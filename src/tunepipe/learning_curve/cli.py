@@ -25,7 +25,7 @@ from tunepipe.files import atomic_dir, read_json, write_csv, write_json
 from tunepipe.learning_curve.fit import MIN_SIZES, TooFewPoints, sentence, summarize
 from tunepipe.learning_curve.points import POINT_ATTRS, Point, PointObjective, main_model_result, nested_order, plan
 from tunepipe.params import LearningCurveParams, Params, load_params
-from tunepipe.paths import LEARNING_CURVE_REPORTS, PARAMS_FILE, PREPARED_META, TOKENIZED
+from tunepipe.paths import LEARNING_CURVE_REPORTS, PREPARED_META, TOKENIZED
 
 ENQUEUED_ATTR = "tunepipe.points_enqueued"
 # A worker joining a study another one has just created waits this long for its points to be enqueued.
@@ -81,14 +81,14 @@ def cmd_learning_curve(args: argparse.Namespace) -> None:
                             "use data/tokenized as it is")
     from tunepipe.sweep.study import default_storage
 
-    run(p.model_copy(update={"learning_curve": lc}), args.storage or p.sweep.storage or default_storage(),
-        Path(args.params))
+    run(p.model_copy(update={"learning_curve": lc}), args.storage or p.sweep.storage or default_storage())
 
 
-def run(p: Params, url: str, params_file: Path = PARAMS_FILE, out_dir: Path = LEARNING_CURVE_REPORTS) -> dict:
+def run(p: Params, url: str, out_dir: Path = LEARNING_CURVE_REPORTS) -> dict:
     """Train the points this worker gets, then fit and write the reports from every finished point."""
     import datasets
     import mlflow
+    import transformers
 
     from tunepipe import distributed, tracking
     from tunepipe.modeling import pick_precision
@@ -109,8 +109,6 @@ def run(p: Params, url: str, params_file: Path = PARAMS_FILE, out_dir: Path = LE
         raise UserError(f"{TOKENIZED}: no tokenized data; run `dvc repro tokenize` (or drop --no-repro)")
     datasets.disable_caching()  # the task's augmentation of a subset would write cache files into data/tokenized
     datasets.disable_progress_bars()
-    import transformers
-
     transformers.utils.logging.disable_progress_bar()  # a bar per checkpoint saved
     # Each point prints its own line, a failed one its error (Objective._failed) and Ctrl-C or SIGTERM one line:
     # Optuna's own lines would repeat them, with a traceback for an interrupted point.
