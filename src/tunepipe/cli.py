@@ -150,10 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_predict)
 
     from tunepipe import suggest
+    from tunepipe.learning_curve import cli as learning_curve_cli
     from tunepipe.registry import cli as registry_cli
     from tunepipe.sweep import cli as sweep_cli
 
-    for module in (sweep_cli, registry_cli, suggest):
+    for module in (sweep_cli, learning_curve_cli, registry_cli, suggest):
         module.add_parser(sub)
     return parser
 

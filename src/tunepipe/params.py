@@ -288,6 +288,31 @@ class SweepParams(_Section):
         return v
 
 
+class LearningCurveParams(_Section):
+    """`tunepipe learning-curve`: the metric on nested, stratified fractions of the train split."""
+
+    fractions: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
+    seeds: int = Field(default=3, ge=1)  # repeats (subset draw and training seed) of each fraction below few_below
+    few_below: float = Field(default=0.1, gt=0, le=1)  # fractions below this get `seeds` repeats, the others one
+    plateau_share: float = Field(default=0.95, gt=0, lt=1)  # report the labels at which the fit reaches this share
+    bootstrap: int = Field(default=200, ge=20)  # resamples of the points for the uncertainty band
+    max_train: int | None = Field(default=None, gt=0)  # cap the train split first (quick curves); None = all of it
+    seed: int = 0  # subset draws: seed + repeat index
+    study: str = Field(default="learning-curve", min_length=1)  # Optuna study name prefix (points are its trials)
+
+    @field_validator("fractions")
+    @classmethod
+    def _fractions(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if not v:
+            raise ValueError("give at least one fraction, e.g. [0.1, 0.5, 1.0]")
+        bad = [f for f in v if not 0 < f <= 1]
+        if bad:
+            raise ValueError(f"each fraction must be in (0, 1], got {bad[0]!r}")
+        if any(b <= a for a, b in zip(v, v[1:], strict=False)):
+            raise ValueError(f"fractions must be increasing without duplicates, got {list(v)}")
+        return v
+
+
 # metrics.json keys where lower is better (promote.metric refuses them)
 LOWER_IS_BETTER = ("hamming_loss", "ece", "brier", "nll")
 
@@ -343,6 +368,7 @@ class Params(_Section):
     sweep: SweepParams = SweepParams()
     promote: PromoteParams = PromoteParams()
     suggest: SuggestParams = SuggestParams()
+    learning_curve: LearningCurveParams = LearningCurveParams()
 
     @field_validator("task")
     @classmethod

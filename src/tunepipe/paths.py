@@ -39,6 +39,7 @@ ROBUSTNESS_PNG = PLOTS / "robustness.png"
 ZERO_SHOT = REPORTS / "zero_shot.json"  # evaluate: the no-label baseline (tunepipe/zeroshot.py) on the test split
 EXPORT_REPORT = REPORTS / "export.json"
 SWEEP_REPORTS = REPORTS / "sweep"
+LEARNING_CURVE_REPORTS = REPORTS / "learning_curve"  # `tunepipe learning-curve`: points.csv, learning_curve.json/png
 
 # Stores created in the project when params.yaml names none.
 MLFLOW_DB = "mlflow.db"

@@ -82,6 +82,36 @@ def plot_robustness(rows: list[dict], metric: str, path: Path) -> None:
     _save(fig, path)
 
 
+def plot_learning_curve(rows: list[dict], fit: dict | None, metric: str, caption: str, path: Path) -> None:
+    """Test `metric` per point against the labelled examples (log scale), the fitted power law with its bootstrap
+    band, and the labels at which it reaches its share of the plateau; the sentence as a caption."""
+    import textwrap
+
+    fig, ax = plt.subplots(figsize=(7, 4.8))
+    ax.plot([r["n_train"] for r in rows], [r[metric] for r in rows], "o", color="tab:blue", label="points (test)")
+    if fit:
+        curve = fit["curve"]
+        ns = [c["n"] for c in curve]
+        ax.plot(ns, [c["metric"] for c in curve], "-", color="tab:orange",
+                label=f"{fit['a']:.3f} - {fit['b']:.3g} n^-{fit['c']:.3f}")
+        if curve and curve[0]["low"] is not None:
+            ax.fill_between(ns, [c["low"] for c in curve], [c["high"] for c in curve], color="tab:orange", alpha=0.2,
+                            label="95% bootstrap band")
+        ax.axhline(fit["a"], ls=":", color="gray", label="plateau")
+        if fit["n95"] is not None and fit["n95"] <= ns[-1]:
+            ax.axvline(fit["n95"], ls="--", color="tab:green", label=f"{fit['share']:.0%} of plateau")
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel("labelled training examples")
+    ax.set_ylabel(f"test {metric}")
+    ax.set_title("learning curve")
+    ax.legend(loc="lower right", fontsize="small")
+    fig.text(0.01, 0.01, "\n".join(textwrap.wrap(caption, 110)), fontsize=7, va="bottom")
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    _save(fig, path)
+
+
 def _save(fig, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")

@@ -91,7 +91,13 @@ class OptunaPruningCallback(TrainerCallback):
 
 
 class Objective:
-    """Trains one trial as finetune would (no checkpoints, temp output dir) in a nested MLflow run."""
+    """Trains one trial as finetune would (no checkpoints, temp output dir) in a nested MLflow run.
+
+    Subclasses change what a trial trains on and what it returns through _trial_setup and _score (the learning
+    curve: a subset of the train split, scored on the test split), and keep the rest: runs, failures, pruning."""
+
+    run_name = "trial"  # nested MLflow runs are named run_name-<trial number>
+    save_checkpoints = False  # True: Trainer keeps the best checkpoint and loads it at the end (in the temp dir)
 
     def __init__(self, p: Params, sw: SweepParams, dsd, labels: list[str], target: int, exp_id: str,
                  parent_run_id: str, precision: str | None = None):
@@ -144,23 +150,32 @@ class Objective:
                 f"{error}); fix the cause and run `tunepipe sweep` again to go on with the study") from None
         raise TrialFailed(error) from None
 
+    def _trial_setup(self, trial: optuna.Trial) -> tuple[Params, object]:
+        """The params and the DatasetDict this trial trains with: the sampled values, all of the data."""
+        return trial_params(self.p, suggest(trial, self.sw)), self.dsd
+
+    def _score(self, trial: optuna.Trial, trainer, tp: Params, dsd, run_id: str) -> float:
+        """The trial's value once trained: its best validation metric."""
+        return trainer.state.best_metric
+
     def _train(self, trial: optuna.Trial) -> float:
-        tp = trial_params(self.p, suggest(trial, self.sw))
+        tp, dsd = self._trial_setup(trial)
         run_id = self._start_run(trial, tp)
         trial.set_user_attr(RUN_ATTR, run_id)
         distributed.from_main(tp)  # a distributed sweep's other processes train these values with this one
-        out = tempfile.mkdtemp(prefix=f"tunepipe-trial-{trial.number}-")
+        out = tempfile.mkdtemp(prefix=f"tunepipe-{self.run_name}-{trial.number}-")
         state, value, trainer = "fail", None, None
         try:
             from tunepipe import tracking
             from tunepipe.training import build_trainer
 
-            trainer = build_trainer(tp, self.dsd, self.labels, out, save_checkpoints=False, precision=self.precision,
+            trainer = build_trainer(tp, dsd, self.labels, out, save_checkpoints=self.save_checkpoints,
+                                    precision=self.precision,
                                     callbacks=[tracking.MlflowMetricsCallback(run_id),
-                                               OptunaPruningCallback(trial, self.metric, len(self.dsd["train"]))])
+                                               OptunaPruningCallback(trial, self.metric, len(dsd["train"]))])
             trainer.remove_callback(PrinterCallback)  # per-step log dicts; Optuna prints one line per trial
             trainer.train()
-            value = trainer.state.best_metric
+            value = self._score(trial, trainer, tp, dsd, run_id)
             state = "complete"
             return float(value)
         except optuna.TrialPruned:
@@ -184,7 +199,7 @@ class Objective:
         from tunepipe import tracking
 
         client = mlflow.MlflowClient()
-        tags = {"mlflow.parentRunId": self.parent_run_id, "mlflow.runName": f"trial-{trial.number}",
+        tags = {"mlflow.parentRunId": self.parent_run_id, "mlflow.runName": f"{self.run_name}-{trial.number}",
                 "optuna.study": trial.study.study_name, "optuna.trial_number": str(trial.number),
                 "optuna.trial_state": "running", "tunepipe.task": self.p.task,
                 "tunepipe.processes": str(distributed.world_size())}
@@ -193,10 +208,19 @@ class Objective:
                 _frozen(trial.study, trial.number))
         if retry_of is not None:
             tags["optuna.retry_of"] = str(retry_of)
+        tags.update(self._run_tags(trial))
         run = client.create_run(self.exp_id, tags=tags)
         client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, v[:6000])
                                                   for k, v in tracking.flat_params(tp).items()])
         return run.info.run_id
+
+    def value_name(self) -> str:
+        """The MLflow metric a trial's value is logged as."""
+        return f"best_val_{self.metric}"
+
+    def _run_tags(self, trial: optuna.Trial) -> dict[str, str]:
+        """More tags for the trial's MLflow run."""
+        return {}
 
     def _finish_run(self, run_id: str, state: str, value: float | None, epochs: float) -> None:
         import mlflow
@@ -205,7 +229,7 @@ class Objective:
         now = int(time.time() * 1000)
         metrics = [mlflow.entities.Metric("epochs_run", epochs, now, 0)]
         if value is not None:
-            metrics.append(mlflow.entities.Metric(f"best_val_{self.metric}", float(value), now, 0))
+            metrics.append(mlflow.entities.Metric(self.value_name(), float(value), now, 0))
         tag = mlflow.entities.RunTag("optuna.trial_state", "fail" if state == "killed" else state)
         client.log_batch(run_id, metrics=metrics, tags=[tag])
         status = {"complete": "FINISHED", "pruned": "FINISHED", "killed": "KILLED"}.get(state, "FAILED")

@@ -1,0 +1,1 @@
+"""`tunepipe learning-curve`: how the test metric grows with the number of labelled examples."""
