@@ -82,6 +82,8 @@ class Task:
     # Word attributions (serving/explain.py: integrated gradients of one label's logit per text, so a head with one
     # prediction per text): `tunepipe predict --explain`, the served {"explain": true}, evaluate's explanations.html.
     explainable: bool = False
+    # finetune.method: setfit and data.train_per_class (one label per text, k texts per class).
+    setfit: bool = False
 
     @property
     def serve_code(self) -> Path:

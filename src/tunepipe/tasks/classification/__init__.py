@@ -13,6 +13,7 @@ class Classification(Task):
     peft_task_type = "SEQ_CLS"
     long_text_modes = ("truncate", "window")
     explainable = True
+    setfit = True
 
     def validation_metrics(self, labels, validation, p):
         # Windows of one text are scored as that text, aggregated the way evaluate and serving do.
