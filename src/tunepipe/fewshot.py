@@ -14,7 +14,10 @@ computes them. A body that pools any other way (CLS, max) is refused: the saved 
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
+import warnings
 from pathlib import Path
 
 import datasets
@@ -60,6 +63,29 @@ def train_texts(prepared: Path, labels: list[str]) -> tuple[list[str], list[int]
     return df["text"].tolist(), [ids[label] for label in df["label"]]
 
 
+@contextlib.contextmanager
+def quiet_setfit():
+    """setfit's own chatter (its "Running training" banner, the pair dataset's map bar, a pin_memory warning from
+    its head's data loader on CPU) is nothing a person acts on; TUNEPIPE_DEBUG=1 keeps it."""
+    if os.environ.get("TUNEPIPE_DEBUG"):
+        yield
+        return
+    import setfit
+
+    verbosity = setfit.logging.get_verbosity()
+    bars = datasets.is_progress_bar_enabled()
+    setfit.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*'pin_memory' argument is set as true")
+            yield
+    finally:
+        setfit.logging.set_verbosity(verbosity)
+        if bars:
+            datasets.enable_progress_bars()
+
+
 class LossLog:
     """The body's contrastive loss per logged step (setfit passes transformers callbacks to its body trainer)."""
 
@@ -82,6 +108,7 @@ def train(p: Params, task: Task, prepared: Path, validation: datasets.Dataset, l
     SentenceEmbeddingClassifier), its tokenizer, the loss curve, validation metrics and a summary."""
     from setfit import SetFitModel, Trainer, TrainingArguments
     from setfit.modeling import SetFitHead
+    from transformers import PrinterCallback
 
     ft = p.finetune
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -113,10 +140,12 @@ def train(p: Params, task: Task, prepared: Path, validation: datasets.Dataset, l
         show_progress_bar=False,
     )
     log = LossLog()
-    trainer = Trainer(model=model, args=args, callbacks=[log.callback],
-                      train_dataset=datasets.Dataset.from_dict({"text": texts, "label": label_ids}))
     t0 = time.time()
-    trainer.train()
+    with quiet_setfit():
+        trainer = Trainer(model=model, args=args, callbacks=[log.callback],
+                          train_dataset=datasets.Dataset.from_dict({"text": texts, "label": label_ids}))
+        trainer.remove_callback(PrinterCallback)  # it prints every log as a Python dict; the summary line says it
+        trainer.train()
     runtime = time.time() - t0
 
     classifier = to_classifier(model, labels, normalizes)
