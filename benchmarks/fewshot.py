@@ -6,7 +6,8 @@ settings (body learning rate 2e-5, batch 16, 1 epoch over setfit_iterations=20 p
 Full fine-tuning: the pipeline's Trainer loop (training.build_trainer) for `--full-epochs` epochs at batch 16,
 no early stopping (a 24-text validation would be noise; the whole validation split is not few-shot).
 
-    python benchmarks/fewshot.py [--k 8 16 64] [--methods setfit full] [--out benchmarks/fewshot.json]
+    python benchmarks/fewshot.py [--k 8 16 64] [--methods setfit full] [--setfit-iterations 20] [--n-test N]
+                                 [--out benchmarks/fewshot.json]
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ from tunepipe.params import parse_params
 from tunepipe.tasks import get_task
 
 
-def params(k: int, method: str, full_epochs: float):
-    ft = ({"method": "setfit", "learning_rate": 2e-5, "batch_size": 16, "epochs": 1.0, "precision": "fp32"}
+def params(k: int, method: str, full_epochs: float, iterations: int = 20):
+    ft = ({"method": "setfit", "learning_rate": 2e-5, "batch_size": 16, "epochs": 1.0, "precision": "fp32",
+           "setfit_iterations": iterations}
           if method == "setfit" else
           {"method": "full", "batch_size": 16, "epochs": full_epochs, "eval_steps": 10**6, "precision": "fp32"})
     return parse_params({"data": {"train_per_class": k}, "finetune": ft})
@@ -43,7 +45,8 @@ def test_scores(task, model, tokenizer, test) -> dict:
             "test_accuracy": round(float(accuracy_score(gold, pred)), 4)}
 
 
-def run(k: int, methods: list[str], full_epochs: float, work: Path) -> list[dict]:
+def run(k: int, methods: list[str], full_epochs: float, iterations: int, n_test: int | None, work: Path
+        ) -> list[dict]:
     from stages import prepare
     from stages import tokenization as tokenize
     from tunepipe.training import build_trainer
@@ -55,9 +58,10 @@ def run(k: int, methods: list[str], full_epochs: float, work: Path) -> list[dict
     task = get_task("classification")
     labels = json.loads(Path("data/prepared/meta.json").read_text())["labels"]
     dsd = datasets.load_from_disk("data/tokenized")
+    test = dsd["test"] if not n_test else dsd["test"].shuffle(seed=0).select(range(n_test))  # the same texts for all
     rows = []
     for method in methods:
-        p = params(k, method, full_epochs)
+        p = params(k, method, full_epochs, iterations)
         t0 = time.time()
         if method == "setfit":
             out = fewshot.train(p, task, Path("data/prepared"), dsd["validation"].select(range(200)), labels)
@@ -68,7 +72,7 @@ def run(k: int, methods: list[str], full_epochs: float, work: Path) -> list[dict
             model, tokenizer = trainer.model, trainer.processing_class
         seconds = time.time() - t0
         row = {"k": k, "method": method, "train_texts": len(dsd["train"]), "train_s": round(seconds, 1),
-               **test_scores(task, model, tokenizer, dsd["test"]), "n_test": len(dsd["test"])}
+               **test_scores(task, model, tokenizer, test), "n_test": len(test)}
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
@@ -79,18 +83,20 @@ def main() -> None:
     ap.add_argument("--k", type=int, nargs="+", default=[8, 16, 64])
     ap.add_argument("--methods", nargs="+", default=["setfit", "full"], choices=["setfit", "full"])
     ap.add_argument("--full-epochs", type=float, default=10.0)
+    ap.add_argument("--setfit-iterations", type=int, default=20, help="pairs per train text (the recipe: 20)")
+    ap.add_argument("--n-test", type=int, default=None, help="a seeded sample of the test split (default: all)")
     ap.add_argument("--out", default="benchmarks/fewshot.json")
     args = ap.parse_args()
     out = Path(args.out).resolve()
     load = os.getloadavg()[0]
-    rows = []
+    result = {"cpu": f"{cpu_model()} ({cpu_isa()}), {torch.get_num_threads()} threads", "precision": "fp32",
+              "load_average_at_start": round(load, 2), "seed": 42, "setfit_iterations": args.setfit_iterations,
+              "full_epochs": args.full_epochs, "rows": []}
     for k in args.k:
         with tempfile.TemporaryDirectory() as work:
-            rows += run(k, args.methods, args.full_epochs, Path(work))
-    result = {"cpu": f"{cpu_model()} ({cpu_isa()}), {torch.get_num_threads()} threads", "precision": "fp32",
-              "load_average_at_start": round(load, 2), "load_average_at_end": round(os.getloadavg()[0], 2),
-              "seed": 42, "rows": rows}
-    out.write_text(json.dumps(result, indent=2) + "\n")
+            result["rows"] += run(k, args.methods, args.full_epochs, args.setfit_iterations, args.n_test, Path(work))
+        result["load_average_at_end"] = round(os.getloadavg()[0], 2)
+        out.write_text(json.dumps(result, indent=2) + "\n")  # after each k: a cut-short run keeps what it measured
     print(json.dumps(result, indent=2))
 
 
