@@ -22,7 +22,7 @@ from tunepipe.modeling import load_trained
 from tunepipe.params import load_params
 from tunepipe.paths import CALIBRATION, EXPORT, EXPORT_META, EXPORT_REPORT, METRICS, MODEL, TOKENIZED
 from tunepipe.progress import say
-from tunepipe.serving import EXPLAIN_CODE, PYFUNC_CODE
+from tunepipe.serving import EXPLAIN_CODE, PYFUNC_CODE, SENTENCE_CLASSIFIER_CODE
 
 
 def main() -> None:
@@ -84,6 +84,7 @@ def main() -> None:
         # trained model, the export settings and code) makes that run reuse the version it may have registered.
         fingerprint = tracking.content_fingerprint(MODEL, json.dumps(p.export.model_dump(), sort_keys=True),
                                                    Path(exporting.__file__), PYFUNC_CODE, EXPLAIN_CODE,
+                                                   SENTENCE_CLASSIFIER_CODE,
                                                    task.serve_code, json.dumps(meta, sort_keys=True))
         report["registered"] = tracking.register(p, info["run_id"], tmp, info, read_json(METRICS), report,
                                                  fingerprint, MODEL if task.explainable else None)

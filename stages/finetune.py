@@ -1,4 +1,5 @@
-"""Stage finetune: train the task's head (and the encoder, or LoRA adapters) with HF Trainer; log to MLflow.
+"""Stage finetune: train the task's head (and the encoder, or LoRA adapters) with HF Trainer, or a few-shot SetFit
+model (finetune.method: setfit, tunepipe/fewshot.py); log to MLflow.
 
 Checkpoints go to models/checkpoints (a persistent DVC out): a run killed mid-epoch resumes from its last
 checkpoint on the next `dvc repro`, as long as params and data are unchanged (else it starts over). A finished run
@@ -17,12 +18,21 @@ from pathlib import Path
 import datasets
 import mlflow
 
-from tunepipe import distributed, tracking
-from tunepipe.errors import run_main
+from tunepipe import distributed, fewshot, tracking
+from tunepipe.errors import UserError, run_main
 from tunepipe.files import atomic_dir, read_json, write_csv, write_json
 from tunepipe.modeling import cpu_bf16_speedup, device_name, merge_for_export, pick_precision
 from tunepipe.params import load_params
-from tunepipe.paths import AUGMENTED, CHECKPOINTS, MODEL, PLOTS, PREPARED_META, TRAIN_REPORT, TRAINING_INFO
+from tunepipe.paths import (
+    AUGMENTED,
+    CHECKPOINTS,
+    MODEL,
+    PLOTS,
+    PREPARED,
+    PREPARED_META,
+    TRAIN_REPORT,
+    TRAINING_INFO,
+)
 from tunepipe.plots import plot_curves
 from tunepipe.progress import duration, say
 from tunepipe.tasks import get_task
@@ -39,6 +49,9 @@ from tunepipe.training import (
 def main() -> None:
     datasets.disable_caching()  # cache files would land inside upstream outputs and dirty them for DVC
     p = load_params()
+    if p.finetune.method == "setfit":  # setfit's own trainer, one process
+        train_setfit(p)
+        return
     nproc = distributed.requested_processes()
     if nproc > 1 and not distributed.launched():  # TUNEPIPE_NPROC: this stage again, as nproc processes
         distributed.per_device_batch(p.finetune.batch_size, nproc)  # its error once, from here
@@ -169,6 +182,52 @@ def save(p, trainer, result, meta: dict, labels: list[str], fp: str, weights: li
             f"{summary['peak_matmul_gflops']:,.0f} GFLOP/s {precision} matmul peak" if summary["mfu"] else "")
     say(f"finetune: best validation {metric} {best:.4f} at step {summary['best_step']}/{summary['global_step']}, "
         f"trained in {duration(summary['train_runtime_s'])}{rate}")
+
+
+def train_setfit(p) -> None:
+    """finetune.method: setfit (tunepipe/fewshot.py): the same outputs as a Trainer run (models/model with its
+    metadata, reports/train.json, the plots, the MLflow run), so evaluate, export and promote need nothing else."""
+    if distributed.requested_processes() > 1:
+        raise UserError("finetune.method: setfit trains in one process; unset TUNEPIPE_NPROC")
+    tracking.check_reachable(p.tracking)
+    task = get_task(p.task)
+    metric = task.headline_metric
+    meta = read_json(PREPARED_META)
+    labels = meta["labels"]
+    fp = fingerprint(p, meta["data_hash"])
+    device, precision = device_name(), "fp32"
+    shutil.rmtree(CHECKPOINTS, ignore_errors=True)  # nothing to resume: a few-shot run is short
+    CHECKPOINTS.mkdir(parents=True, exist_ok=True)
+    run_id = tracking.start_training_run(p, None, meta, fp, device, precision)
+    write_json(CHECKPOINTS / "state.json", {"fingerprint": fp, "run_id": run_id, "status": "running"})
+    say(f"finetune: setfit on {device}, precision {precision}, MLflow run {run_id}")
+    validation = datasets.load_from_disk(str(AUGMENTED))["validation"]
+    out = fewshot.train(p, task, PREPARED, validation, labels)
+    best = out["val"][metric]
+    steps = out["summary"]["body_steps"]
+    summary = {f"best_val_{metric}": best, "best_step": steps, "global_step": steps, "epochs": p.finetune.epochs,
+               "device": device, "precision": precision, "precision_requested": p.finetune.precision,
+               **out["summary"]}
+    with atomic_dir(MODEL) as tmp:
+        out["model"].save_pretrained(tmp)  # safetensors; serving/sentence_classifier.py loads it
+        out["tokenizer"].save_pretrained(tmp)
+        write_json(tmp / TRAINING_INFO, {"run_id": run_id, "task": p.task, "labels": labels, "fingerprint": fp,
+                                         "data_hash": meta["data_hash"], "test_data_hash": meta["hashes"]["test"],
+                                         "max_length": p.tokenize.max_length, **long_text_info(p), **summary})
+    loss, val = out["loss"], [{"step": steps, metric: best}]
+    write_csv(PLOTS / "train_loss.csv", loss, ["step", "loss"])
+    write_csv(PLOTS / "validation.csv", val, ["step", metric])
+    plot_curves(loss, val, metric, PLOTS / "training_curves.png")
+    write_json(TRAIN_REPORT, summary)
+    client = mlflow.MlflowClient()
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[mlflow.entities.Metric(f"best_val_{metric}", float(best), now, steps),
+                                      *(mlflow.entities.Metric("train_loss", r["loss"], now, r["step"]) for r in loss)])
+    client.log_artifact(run_id, str(PLOTS / "training_curves.png"), "plots")
+    client.set_tag(run_id, "tunepipe.method", "setfit")
+    write_json(CHECKPOINTS / "state.json", {"fingerprint": fp, "run_id": run_id, "status": "complete"})
+    say(f"finetune: setfit on {summary['train_examples']} texts, validation {metric} {best:.4f}, trained in "
+        f"{duration(summary['train_runtime_s'])}")
 
 
 def adversarial_info(p) -> dict | None:

@@ -74,18 +74,18 @@ def reference(model, batch, method: str, epsilon: float, steps: int, alpha: floa
 
 
 @pytest.mark.parametrize(("task", "method", "precision", "peft"), [
-    ("classification", "fgm", "fp32", "none"),
-    ("classification", "fgm", "bf16", "none"),
+    ("classification", "fgm", "fp32", "full"),
+    ("classification", "fgm", "bf16", "full"),
     ("classification", "fgm", "fp32", "lora"),
-    ("classification", "pgd", "fp32", "none"),
+    ("classification", "pgd", "fp32", "full"),
     ("classification", "pgd", "bf16", "lora"),
-    ("ner", "fgm", "fp32", "none"),
-    ("ner", "pgd", "bf16", "none"),
+    ("ner", "fgm", "fp32", "full"),
+    ("ner", "pgd", "bf16", "full"),
 ])
 def test_training_step_adds_the_perturbed_inputs_gradients(project, task, method, precision, peft):
     extra = {"task": task, "data.source": "data/raw/conll"} if task == "ner" else {}
     root = project(**extra, **{"finetune.adversarial": method, "finetune.precision": precision,
-                               "finetune.peft": peft, "finetune.adversarial_epsilon": 5.0,
+                               "finetune.method": peft, "finetune.adversarial_epsilon": 5.0,
                                "finetune.adversarial_alpha": 2.0, "finetune.adversarial_steps": 3})
     dsd = front(root, task)
     p = load_params()

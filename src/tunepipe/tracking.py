@@ -22,7 +22,7 @@ from transformers import TrainerCallback
 from tunepipe.errors import UserError, masked
 from tunepipe.params import Params, TrackingParams
 from tunepipe.paths import MLFLOW_ARTIFACTS, MLFLOW_DB, project_root
-from tunepipe.serving import EXPLAIN_CODE, PYFUNC_CODE
+from tunepipe.serving import EXPLAIN_CODE, PYFUNC_CODE, SENTENCE_CLASSIFIER_CODE
 from tunepipe.tasks import get_task
 
 
@@ -413,7 +413,8 @@ def register(p: Params, run_id: str, onnx_dir: Path, info: dict, metrics: dict, 
     with mlflow.start_run(run_id=run_id):
         mlflow.log_metrics({k: float(v) for k, v in parity_report.items() if isinstance(v, int | float)})
         logged = mlflow.pyfunc.log_model(
-            name="model", python_model=str(PYFUNC_CODE), artifacts=artifacts, code_paths=[str(EXPLAIN_CODE)],
+            name="model", python_model=str(PYFUNC_CODE), artifacts=artifacts,
+            code_paths=[str(EXPLAIN_CODE), str(SENTENCE_CLASSIFIER_CODE)],
             input_example=example, signature=served_signature(onnx_dir, example),
             pip_requirements=pinned_requirements())
     version = mlflow.register_model(logged.model_uri, name, tags=tags)  # tags in the same call as the version

@@ -16,6 +16,7 @@ explained on its first max_length tokens.
 from __future__ import annotations
 
 import html
+import importlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,19 +41,27 @@ def merge_words(text: str, word_ids: Sequence[int | None], offsets: Sequence[tup
             for _, e in sorted(words.items())]
 
 
+def sentence_classifier():
+    """sentence_classifier.py: tunepipe's own copy inside the package; in the served model, the copy logged beside
+    this file (MLflow code_paths puts both on sys.path)."""
+    if __package__:
+        return importlib.import_module(".sentence_classifier", __package__)
+    return importlib.import_module("sentence_classifier")
+
+
 class Explainer:
     """Integrated gradients of a saved sequence-classification model (a directory with config, safetensors and
     a fast tokenizer, as finetune writes models/model)."""
 
     def __init__(self, model_dir: str | Path, n_steps: int = 32, max_length: int | None = None):
         import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoTokenizer
 
         model_dir = Path(model_dir)
         info_file = model_dir / TRAINING_INFO
         info = json.loads(info_file.read_text(encoding="utf-8")) if info_file.is_file() else {}
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            model_dir, trust_remote_code=False, dtype=torch.float32).eval()
+        # a SetFit-trained model (sentence_classifier.py) or a transformers sequence-classification one
+        self.model = sentence_classifier().load_classifier(model_dir, dtype=torch.float32)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
         self.labels: list[str] = info.get("labels") or [self.model.config.id2label[i]
                                                           for i in range(self.model.config.num_labels)]

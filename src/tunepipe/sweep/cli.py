@@ -114,6 +114,9 @@ def sweep(p: Params, sw: SweepParams, url: str, params_file: str | Path = PARAMS
     from tunepipe.tasks import get_task
 
     # Everything the user can get wrong is checked before the study or MLflow is touched.
+    if p.finetune.method == "setfit":  # trials train with HF Trainer (training.build_trainer)
+        raise UserError("finetune.method: setfit cannot be swept (trials train with the Trainer loop); sweep with "
+                        "method full or lora")
     if not (AUGMENTED / "dataset_dict.json").is_file() or not PREPARED_META.is_file():
         raise UserError(f"{AUGMENTED}: no prepared data; run `dvc repro augment` (or drop --no-repro)")
     dsd, meta = datasets.load_from_disk(str(AUGMENTED)), read_json(PREPARED_META)

@@ -86,6 +86,8 @@ class Task:
     # evaluate's zero-shot baseline (tunepipe/zeroshot.py): None where the task scores it (zero_shot_metrics), else
     # why it cannot, recorded in reports/zero_shot.json.
     zero_shot_unsupported: str | None = "no zero-shot form for this task"
+    # finetune.method: setfit and data.train_per_class (one label per text, k texts per class).
+    setfit: bool = False
 
     @property
     def serve_code(self) -> Path:

@@ -14,6 +14,7 @@ class Classification(Task):
     long_text_modes = ("truncate", "window")
     explainable = True
     zero_shot_unsupported = None  # nearest label description per text (evaluate.zero_shot_metrics)
+    setfit = True
 
     def validation_metrics(self, labels, validation, p):
         # Windows of one text are scored as that text, aggregated the way evaluate and serving do.

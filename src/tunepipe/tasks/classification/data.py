@@ -189,6 +189,22 @@ def cap_train(train: pd.DataFrame, max_samples: int | None, seed: int) -> pd.Dat
     return train.loc[sorted(pd.concat(kept).index)]
 
 
+def per_class_sample(train: pd.DataFrame, k: int | None, seed: int) -> pd.DataFrame:
+    """data.train_per_class: k rows of every class, drawn with `seed` (rows in their split order). A class with
+    fewer than k rows stops with its name and count: a silent shortfall would make "k-shot" figures lie."""
+    if k is None:
+        return train
+    counts = train["label"].value_counts().sort_index()
+    short = counts[counts < k].sort_values(kind="stable")  # the smallest class first: it bounds k
+    if len(short):
+        label, n = short.index[0], int(short.iloc[0])
+        raise UserError(f"data.train_per_class: class '{label}' has only {n} train example(s), fewer than {k}; lower "
+                        f"data.train_per_class to at most {int(counts.min())} or add examples of that class")
+    train = train.reset_index(drop=True)
+    kept = [group.sample(n=k, random_state=seed) for _, group in train.groupby("label", sort=True)]
+    return train.loc[sorted(pd.concat(kept).index)]
+
+
 def check_labels_seen(splits: dict[str, pd.DataFrame]) -> None:
     known = set(splits["train"]["label"])
     for name in ("validation", "test"):
@@ -239,6 +255,7 @@ def prepare(p: Params) -> Prepared:
     # The cap comes before the class checks, so they judge the train split that tokenize will see.
     before_cap = len(splits["train"])
     splits["train"] = cap_train(splits["train"], p.data.max_train_samples, p.data.seed)
+    splits["train"] = per_class_sample(splits["train"], p.data.train_per_class, p.data.seed)
     check_classes(splits["train"], 1, "the train split")
     check_labels_seen(splits)
     splits = {k: splits[k].reset_index(drop=True) for k in SPLITS}
