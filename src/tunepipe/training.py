@@ -282,7 +282,7 @@ def training_mfu(model, train: datasets.Dataset, p: Params, tokens_per_s: float 
     ft = p.finetune
     lengths = train["length"] if "length" in train.column_names else [len(x) for x in train["input_ids"]]
     passes = {"none": 1, "fgm": 2, "pgd": 1 + ft.adversarial_steps}[ft.adversarial]
-    per_token = train_flops_per_token(model, lengths, ft.peft == "lora", passes)
+    per_token = train_flops_per_token(model, lengths, ft.method == "lora", passes)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     peak = matmul_rates((precision,), device)[precision] * processes
     out = {"train_flops_per_token": round(per_token), "peak_matmul_gflops": round(peak / 1e9, 1),
