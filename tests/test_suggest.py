@@ -115,7 +115,7 @@ def test_suggest_writes_a_ranked_csv_without_labelled_texts(exported, monkeypatc
     assert {r["suggested_label"] for r in rows} <= {"negative", "neutral", "positive"}
     assert len({r["text"] for r in rows}) == 10
 
-    cli("suggest", "--input", "pool.csv", "--output", "div.csv", "--n", "5", "--diversify", "--strategy", "margin")
+    cli("suggest", "--input", "pool.csv", "--output", "div.csv", "--n", "5", "--diversify", "--strategy", "entropy")
     rows = read_rows(exported / "div.csv")
     assert len(rows) == 5 and len({r["cluster"] for r in rows}) == 5
 

@@ -234,7 +234,7 @@ class EvaluateParams(_Section):
 
 class SuggestParams(_Section):
     n: int = Field(default=100, ge=1)  # texts to suggest
-    strategy: Literal["entropy", "margin", "random"] = "entropy"
+    strategy: Literal["entropy", "margin", "random"] = "margin"  # margin: measured best (benchmarks/active_learning.py)
     diversify: bool = False  # k-means (k = n) on the texts' embeddings, the most uncertain text per cluster
     # A text whose embedding has at least this cosine with an already labelled one (the prepared train split) is a
     # near-duplicate and dropped; texts equal after normalising case and whitespace always are. 1.0 = only those.
