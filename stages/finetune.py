@@ -159,10 +159,7 @@ def save(p, trainer, result, meta: dict, labels: list[str], fp: str, weights: li
                                          **extra})
 
     loss, val = history_curves(trainer.state.log_history, metric)
-    write_csv(PLOTS / "train_loss.csv", loss, ["step", "loss"])
-    write_csv(PLOTS / "validation.csv", val, ["step", metric])
-    plot_curves(loss, val, metric, PLOTS / "training_curves.png")
-    write_json(TRAIN_REPORT, summary)
+    write_reports(loss, val, metric, summary)
 
     client = mlflow.MlflowClient()
     now = int(time.time() * 1000)
@@ -182,6 +179,15 @@ def save(p, trainer, result, meta: dict, labels: list[str], fp: str, weights: li
             f"{summary['peak_matmul_gflops']:,.0f} GFLOP/s {precision} matmul peak" if summary["mfu"] else "")
     say(f"finetune: best validation {metric} {best:.4f} at step {summary['best_step']}/{summary['global_step']}, "
         f"trained in {duration(summary['train_runtime_s'])}{rate}")
+
+
+def write_reports(loss: list[dict], val: list[dict], metric: str, summary: dict) -> None:
+    """What both training paths leave for `dvc plots` and `dvc metrics`: the loss and validation curves (CSV and
+    PNG) and reports/train.json."""
+    write_csv(PLOTS / "train_loss.csv", loss, ["step", "loss"])
+    write_csv(PLOTS / "validation.csv", val, ["step", metric])
+    plot_curves(loss, val, metric, PLOTS / "training_curves.png")
+    write_json(TRAIN_REPORT, summary)
 
 
 def train_setfit(p) -> None:
@@ -215,10 +221,7 @@ def train_setfit(p) -> None:
                                          "data_hash": meta["data_hash"], "test_data_hash": meta["hashes"]["test"],
                                          "max_length": p.tokenize.max_length, **long_text_info(p), **summary})
     loss, val = out["loss"], [{"step": steps, metric: best}]
-    write_csv(PLOTS / "train_loss.csv", loss, ["step", "loss"])
-    write_csv(PLOTS / "validation.csv", val, ["step", metric])
-    plot_curves(loss, val, metric, PLOTS / "training_curves.png")
-    write_json(TRAIN_REPORT, summary)
+    write_reports(loss, val, metric, summary)
     client = mlflow.MlflowClient()
     now = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[mlflow.entities.Metric(f"best_val_{metric}", float(best), now, steps),
