@@ -76,7 +76,9 @@ def exported(tmp_path_factory, tiny_model_dir) -> Path:
     root = tmp_path_factory.mktemp("suggest-project")
     write_csv(root / "data/raw/train.csv", synthetic_rows(150))
     params = tiny_params(tiny_model_dir, **{"robustness.perturbations": [], "explain.examples_per_class": 0,
-                                            "suggest.near_duplicate": 0.9999})
+                                            "suggest.near_duplicate": 0.9999,
+                                            # below the pools' sizes: suggest must send its texts in parts
+                                            "serve.max_texts_per_request": 8})
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)

@@ -82,6 +82,7 @@ def within_limits(predictor, predict):
                             "params.yaml and export again (`dvc repro export`)") from None
         return predict(texts)
 
+    checked.max_texts = predictor.meta.get("max_texts_per_request")  # callers with many texts send them in parts
     return checked
 
 

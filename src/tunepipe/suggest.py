@@ -13,6 +13,7 @@ from tunepipe.errors import UserError
 from tunepipe.paths import EXPORT, PREPARED
 
 LABELLED = PREPARED / "train.parquet"
+PREDICT_BATCH = 64
 READERS = {".csv": "csv", ".tsv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
 
 
@@ -100,7 +101,10 @@ def cmd_suggest(args: argparse.Namespace) -> None:
             texts, emb = [t for t, c in zip(texts, close, strict=True) if not c], emb[~close]
     if not texts:
         raise UserError(f"suggest: every text in {args.input} is already labelled (or a near-duplicate of one)")
-    labels, probs = get_task(task).served_probabilities(predict(texts))
+    # In parts: a candidate file is usually larger than the model's serve.max_texts_per_request, a per-request limit.
+    step = min(PREDICT_BATCH, predict.max_texts or PREDICT_BATCH)
+    results = [r for i in range(0, len(texts), step) for r in predict(texts[i:i + step])]
+    labels, probs = get_task(task).served_probabilities(results)
     chosen, score, clusters = select(probs, n, strategy, s.seed, emb if diversify else None)
     rows = [{"text": texts[i], "suggested_label": labels[int(probs[i].argmax())], "score": f"{score[k]:.6f}",
              **({"cluster": int(clusters[k])} if clusters is not None else {})} for k, i in enumerate(chosen)]
