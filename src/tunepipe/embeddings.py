@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from tunepipe.errors import UserError
-from tunepipe.modeling import resolve_model
+from tunepipe.modeling import ensure_pad_token, resolve_model
 
 
 class SentenceEncoder:
@@ -26,6 +26,8 @@ class SentenceEncoder:
         except (OSError, ValueError) as exc:
             raise UserError(f"model.name: could not load '{name}' as a sentence encoder: "
                             f"{(str(exc).strip().splitlines() or [type(exc).__name__])[0]}") from None
+        # A GPT-2 style tokenizer has no pad token: pad with its end-of-sequence token, as training does.
+        ensure_pad_token(self.model.tokenizer, name)
 
     def encode(self, texts: list[str]) -> np.ndarray:
         """(len(texts), hidden) float32, each row of unit length."""

@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 
 from tunepipe.errors import UserError
-from tunepipe.modeling import load_tokenizer, resolve_model
+from tunepipe.modeling import ensure_pad_token, load_tokenizer, resolve_model
 from tunepipe.params import Params
 from tunepipe.serving.sentence_classifier import SentenceEmbeddingClassifier
 from tunepipe.tasks import Task
@@ -43,6 +43,7 @@ def sentence_body(p: Params, device: str):
     except (OSError, ValueError) as exc:
         raise UserError(f"model.name: could not load '{p.model.name}' as a sentence-embedding body for "
                         f"finetune.method: setfit: {str(exc).splitlines()[0]}") from None
+    ensure_pad_token(body.tokenizer, p.model.name)  # GPT-2 style tokenizers: pad with end-of-sequence, as training
     modules = list(body)
     pooling = next((m for m in modules if isinstance(m, Pooling)), None)
     rest = [m for m in modules[1:] if m is not pooling and not isinstance(m, Normalize)]
