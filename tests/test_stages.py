@@ -147,6 +147,9 @@ def test_finetune_evaluate_export_register(project):
     assert report["fp32_label_agreement"] == 1.0
     assert 0.5 <= report["int8_label_agreement"] <= 1.0
     assert (root / "models/onnx/model.onnx").is_file() and (root / "models/onnx/model.int8.onnx").is_file()
+    meta = read_json(root / "models/onnx/tunepipe.json")
+    chosen = "model.int8.onnx" if max(report["validation_int8_label_agreement"].values()) >= 0.99 else "model.onnx"
+    assert report["served"] == meta["served_file"] == chosen and report["served_because"]
 
     p = load_params()
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
@@ -218,6 +221,36 @@ def test_hf_source_path_loads_a_local_dataset_folder(project):
     splits = get_task("classification").prepare(parse_params({"data": {"source": f"hf:{root / 'hub'}"}})).splits
     assert len(splits["test"]) == 50  # the source's own test split is kept
     assert len(splits["train"]) + len(splits["validation"]) == 150
+
+
+@pytest.mark.parametrize("bar", [0.0, 1.0])
+def test_export_serves_int8_only_at_the_agreement_bar(project, capsys, bar):
+    """export.int8_min_agreement decides the served graph: 0 serves int8; 1 serves it only where every validation
+    label agrees (else fp32). The served model, `tunepipe predict` and the report all name the same file."""
+    from tunepipe.cli import main
+    from tunepipe.serving.pyfunc_model import TextPredictor
+
+    root = project(**{"export.int8_min_agreement": bar, "finetune.epochs": 1.0})
+    run_front(root)
+    finetune.main()
+    evaluate.main()
+    export.main()
+    report = read_json(root / "reports/export.json")
+    agreement = report["validation_int8_label_agreement"]
+    expected = "model.int8.onnx" if max(agreement.values()) >= bar else "model.onnx"
+    assert report["served"] == expected
+    variant = report["served_variant"]
+    assert variant == "fp32" if expected == "model.onnx" else variant.startswith("int8")
+    if bar == 0.0:
+        assert expected == "model.int8.onnx" and report["served_variant"] == report["int8_variant"] == "int8"
+    assert sorted(f.name for f in (root / "models/onnx").glob("*.onnx")) == ["model.int8.onnx", "model.onnx"]
+    predictor = TextPredictor(root / "models/onnx")
+    assert predictor.served_file == expected
+    capsys.readouterr()
+    main(["predict", "--model", "models/onnx", "--json", "great love the flight"])
+    captured = capsys.readouterr()
+    assert f"serves {expected}" in captured.err
+    assert json.loads(captured.out)["label"] == predictor.predict(["great love the flight"])[0]["label"]
 
 
 def test_real_embedded_model_trains_and_exports_with_parity(project):
@@ -334,14 +367,16 @@ def test_training_flops_per_token_formula(tiny_model_dir):
 
 
 def test_int8_recipe_agrees_with_pytorch_on_a_tiny_model(tiny_model_dir, tmp_path):
-    """The export's int8 recipe (fused graph, per-channel weights) keeps the labels at the agreement bar, and its
-    parity check scores what the task says (one label per text for classification)."""
+    """The export's graphs: the fp32 one fused for ONNX Runtime (one Attention node per layer) stays at PyTorch's
+    logits, the int8 one (per-channel weights) keeps the labels at the default agreement bar, and the parity check
+    scores what the task says (one label per text for classification)."""
     import datasets
     import onnxruntime as ort
     from transformers import AutoTokenizer, BertForSequenceClassification
 
     from tests.helpers import synthetic_rows
-    from tunepipe.exporting import INT8_AGREEMENT_BAR, export_onnx, input_names, parity, quantize_int8
+    from tunepipe.exporting import choose_served, export_onnx, fuse_for_ort, input_names, int8_candidates, parity
+    from tunepipe.params import ExportParams
     from tunepipe.tasks import get_task
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -349,13 +384,30 @@ def test_int8_recipe_agrees_with_pytorch_on_a_tiny_model(tiny_model_dir, tmp_pat
     model = BertForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=3).eval()
     names = input_names(tok)
     export_onnx(model, names, tmp_path / "model.onnx", 17)
-    quantize_int8(tmp_path / "model.onnx", tmp_path / "model.int8.onnx", model.config)
+    fusions = fuse_for_ort(tmp_path / "model.onnx")
+    assert fusions["attention"] == model.config.num_hidden_layers and fusions["skip_layer_normalization"] >= 2
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["model.onnx"]  # weights inline, no stale .data file
+    candidates = int8_candidates(tmp_path / "model.onnx", tmp_path)
+    ffn_out = model.config.num_hidden_layers  # 2: all int8, first layer's FFN output fp32, both fp32
+    assert list(candidates) == ["int8", f"int8, fp32 feed-forward output in 1 of {ffn_out} layers",
+                                f"int8, fp32 feed-forward output in 2 of {ffn_out} layers"]
     rows = synthetic_rows(200)
     enc = tok([t for t, _ in rows], truncation=True, max_length=32)
     ds = datasets.Dataset.from_dict({**enc, "labels": [i % 3 for i in range(len(rows))]})
-    sessions = {k: ort.InferenceSession(str(tmp_path / f), providers=["CPUExecutionProvider"])
-                for k, f in (("fp32", "model.onnx"), ("int8", "model.int8.onnx"))}
+    sessions = {k: ort.InferenceSession(str(f), providers=["CPUExecutionProvider"])
+                for k, f in (("fp32", tmp_path / "model.onnx"), *candidates.items())}
     report = parity(get_task("classification"), model, sessions, ds, names, tok.pad_token_id)
     assert report["n_compared"] == len(rows) and report["fp32_label_agreement"] == 1.0
-    assert report["int8_label_agreement"] >= INT8_AGREEMENT_BAR
+    assert report["fp32_max_abs_logit_diff"] < 1e-4
+    bar = ExportParams().int8_min_agreement
+    assert report["int8_label_agreement"] >= bar
     assert set(report) >= {"torch_accuracy", "fp32_accuracy", "int8_accuracy"}
+    agreement = {k: report[f"{k}_label_agreement"] for k in candidates}
+    assert choose_served(agreement, bar)[0] == "int8"
+    # The fastest candidate at the bar is served; none at the bar: fp32, naming the best int8 candidate.
+    assert choose_served({"int8": 0.985, "keep 1": 0.992, "keep 2": 0.995}, bar) == (
+        "keep 1", "keep 1 agrees with PyTorch on 99.20% of validation labels >= export.int8_min_agreement 99.00%: "
+                  "served, the fastest variant that does")
+    assert choose_served({"int8": 0.985, "keep 1": 0.981}, bar) == (
+        "fp32", "no int8 variant reaches export.int8_min_agreement 99.00% of validation labels (best: int8, "
+                "98.50%): the fp32 graph is served")

@@ -83,6 +83,8 @@ def within_limits(predictor, predict):
         return predict(texts)
 
     checked.max_texts = predictor.meta.get("max_texts_per_request")  # callers with many texts send them in parts
+    # The graph export chose to serve (int8 or fp32); a model exported before that choice serves model.onnx.
+    checked.served = getattr(predictor, "served_file", "model.onnx")
     return checked
 
 
@@ -114,6 +116,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     if (args.label or args.html) and not args.explain:
         raise UserError("predict: --label and --html go with --explain")
     task, predict = load_predictor(args.model, args.params, {"label": args.label} if args.explain else None)
+    print(f"predict: {args.model} serves {predict.served}", file=sys.stderr)
     results = predict(texts)
     color = sys.stdout.isatty()
     for text, res in zip(texts, results, strict=True):

@@ -57,7 +57,7 @@ def aggregate_windows(logits: np.ndarray, text_ids: np.ndarray, how: str) -> np.
 
 
 class TextPredictor:
-    def __init__(self, model_dir: str | Path, onnx_file: str = MODEL_FILE):
+    def __init__(self, model_dir: str | Path, onnx_file: str | None = None):
         import onnxruntime as ort
         from transformers import AutoTokenizer
 
@@ -71,7 +71,10 @@ class TextPredictor:
         self.stride: int | None = self.meta.get("stride") if self.meta.get("long_text") == "window" else None
         self.aggregation: str = self.meta.get("window_aggregation", "mean")
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
-        self.session = ort.InferenceSession(str(model_dir / onnx_file), providers=["CPUExecutionProvider"])
+        # The variant export chose (served_file: int8 where it agreed with PyTorch enough, else fp32); an export
+        # made before the choice existed serves model.onnx.
+        self.served_file: str = onnx_file or self.meta.get("served_file", MODEL_FILE)
+        self.session = ort.InferenceSession(str(model_dir / self.served_file), providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output = output_module(model_dir, self.task)  # how logits become this task's served output
 
