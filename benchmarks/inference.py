@@ -86,8 +86,10 @@ def main() -> None:
     variants = {"PyTorch fp32": torch_runner(model, tokenizer, max_length, bf16=False)}
     if training == "bf16":
         variants["PyTorch bf16 (autocast)"] = torch_runner(model, tokenizer, max_length, bf16=True)
-    variants["ONNX Runtime fp32"] = onnx_runner(EXPORT / "model.onnx", tokenizer, max_length, args.threads)
-    variants["ONNX Runtime int8"] = onnx_runner(EXPORT / "model.int8.onnx", tokenizer, max_length, args.threads)
+    served = meta.get("served_file", "model.onnx")  # the graph export chose to serve
+    for name, file in (("ONNX Runtime fp32", "model.onnx"), ("ONNX Runtime int8", "model.int8.onnx")):
+        label = f"{name} (served)" if file == served else name
+        variants[label] = onnx_runner(EXPORT / file, tokenizer, max_length, args.threads)
 
     cpu = f"{cpu_model()} ({cpu_isa()}), {args.threads} threads; training precision (auto): {training}"
     print(f"inference benchmark: {len(texts)} test texts, task {info['task']}, max_length {max_length}; {cpu}")
