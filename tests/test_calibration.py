@@ -374,7 +374,9 @@ def repo(tmp_path, tiny_model_dir, monkeypatch):
     (root / "params.yaml").write_text(yaml.safe_dump(tiny_params(tiny_model_dir, **{
         "finetune.epochs": 2.0, "robustness.perturbations": [], "explain.examples_per_class": 0,
         "sweep.trials": 2, "sweep.pruner": "none", "sweep.learning_rate": [5e-3, 2e-2], "sweep.batch_size": [16],
-        "sweep.dropout": [0.0, 0.1]}), sort_keys=False))
+        "sweep.dropout": [0.0, 0.1],
+        # Served probabilities are checked against PyTorch's to 1e-4: the fp32 graph, whatever int8 would agree.
+        "export.int8_min_agreement": None}), sort_keys=False))
     commit_all(root)
     monkeypatch.chdir(root)
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}:{os.environ['PATH']}")

@@ -177,7 +177,7 @@ def test_label_at_the_end_is_found_with_windows_not_with_truncation(tmp_path, mo
     assert read_json(root / "reports/export.json")["fp32_max_abs_logit_diff"] <= 1e-3
     meta = read_json(root / "models/onnx/tunepipe.json")
     assert (meta["long_text"], meta["stride"], meta["window_aggregation"]) == ("window", 4, "mean")
-    predictor = pyfunc_model.TextPredictor(root / "models/onnx")
+    predictor = pyfunc_model.TextPredictor(root / "models/onnx", "model.onnx")  # fp32: PyTorch's logits to 1e-6
     served = predictor.predict(test["text"].tolist())
     assert [r["label"] for r in served] == preds["prediction"].tolist()
     logits = predictor.logits(test["text"].tolist())  # one row per text, its windows aggregated

@@ -408,6 +408,8 @@ def test_int8_recipe_agrees_with_pytorch_on_a_tiny_model(tiny_model_dir, tmp_pat
     assert choose_served({"int8": 0.985, "keep 1": 0.992, "keep 2": 0.995}, bar) == (
         "keep 1", "keep 1 agrees with PyTorch on 99.20% of validation labels >= export.int8_min_agreement 99.00%: "
                   "served, the fastest variant that does")
+    assert choose_served({"int8": 1.0}, None) == ("fp32", "export.int8_min_agreement is null: the fp32 graph is "
+                                                          "served")
     assert choose_served({"int8": 0.985, "keep 1": 0.981}, bar) == (
         "fp32", "no int8 variant reaches export.int8_min_agreement 99.00% of validation labels (best: int8, "
                 "98.50%): the fp32 graph is served")

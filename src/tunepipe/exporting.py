@@ -98,9 +98,11 @@ def int8_candidates(fp32: Path, out_dir: Path) -> dict[str, Path]:
     return out
 
 
-def choose_served(agreement: dict[str, float], bar: float) -> tuple[str, str]:
+def choose_served(agreement: dict[str, float], bar: float | None) -> tuple[str, str]:
     """(variant, why): the first (fastest) int8 candidate whose label agreement with PyTorch on the validation
-    split reaches the bar, else fp32 (always within export.parity_tolerance of PyTorch)."""
+    split reaches the bar, else fp32 (always within export.parity_tolerance of PyTorch); no bar: fp32."""
+    if bar is None:
+        return "fp32", "export.int8_min_agreement is null: the fp32 graph is served"
     for name, agrees in agreement.items():
         if agrees >= bar:
             return name, (f"{name} agrees with PyTorch on {agrees:.2%} of validation labels >= "

@@ -247,8 +247,8 @@ class SuggestParams(_Section):
 class ExportParams(_Section):
     opset: int = Field(default=17, ge=11, le=23)
     parity_tolerance: float = Field(default=1e-3, gt=0)
-    # int8 is served only where its labels agree with PyTorch's on this share of the validation split.
-    int8_min_agreement: float = Field(default=0.99, ge=0, le=1)
+    # int8 is served only where its labels agree with PyTorch's on this share of the validation split; None: never.
+    int8_min_agreement: float | None = Field(default=0.99, ge=0, le=1)
 
 
 class ServeParams(_Section):
