@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from tunepipe.exporting import FP32_FILE, INT8_FILE
 from tunepipe.modeling import cpu_isa, cpu_model, load_trained, pick_precision
 from tunepipe.paths import EXPORT, EXPORT_META, MODEL, TEST_SPLIT
 
@@ -86,8 +87,8 @@ def main() -> None:
     variants = {"PyTorch fp32": torch_runner(model, tokenizer, max_length, bf16=False)}
     if training == "bf16":
         variants["PyTorch bf16 (autocast)"] = torch_runner(model, tokenizer, max_length, bf16=True)
-    served = meta.get("served_file", "model.onnx")  # the graph export chose to serve
-    for name, file in (("ONNX Runtime fp32", "model.onnx"), ("ONNX Runtime int8", "model.int8.onnx")):
+    served = meta.get("served_file", FP32_FILE)  # the graph export chose to serve
+    for name, file in (("ONNX Runtime fp32", FP32_FILE), ("ONNX Runtime int8", INT8_FILE)):
         label = f"{name} (served)" if file == served else name
         variants[label] = onnx_runner(EXPORT / file, tokenizer, max_length, args.threads)
 

@@ -61,10 +61,8 @@ def fuse_for_ort(path: Path) -> dict[str, int]:
 
     model = ir.external_data.load_to_model(ir.load(str(path)))  # the exporter may keep weights beside it
     fused, counts = optimize_for_ort(model)
-    data = sorted(path.parent.glob(f"{path.name}.data"))
     ir.save(fused, str(path))  # the weights inline (< 2 GB for the encoders tunepipe fine-tunes)
-    for f in data:
-        f.unlink()
+    path.with_name(f"{path.name}.data").unlink(missing_ok=True)  # the exporter's, now stale
     return {k: v for k, v in counts.items() if v}
 
 
