@@ -285,7 +285,9 @@ def training_mfu(model, train: datasets.Dataset, p: Params, tokens_per_s: float 
     per_token = train_flops_per_token(model, lengths, ft.method == "lora", passes)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     peak = matmul_rates((precision,), device)[precision] * processes
-    out = {"train_flops_per_token": round(per_token), "peak_matmul_gflops": round(peak / 1e9, 1),
+    # Significant figures, not decimals: a slow path's peak (bf16 on an AVX2-only CPU: ~1 GFLOP/s) would otherwise
+    # lose the precision that mfu = achieved / peak is read back with.
+    out = {"train_flops_per_token": round(per_token), "peak_matmul_gflops": float(f"{peak / 1e9:.4g}"),
            "achieved_gflops": None, "mfu": None}
     if tokens_per_s:
         achieved = per_token * tokens_per_s
