@@ -153,6 +153,7 @@ def _setup(root: Path, model_dir: Path) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.soak
 def test_kill_9_each_stage_then_repro_gives_the_uninterrupted_result(tmp_path, tiny_model_dir, capsys):
     # The uninterrupted run: its metrics, and how long each stage's process runs here.
     base = _setup(clone_repo(tmp_path / "baseline"), tiny_model_dir)

@@ -62,6 +62,7 @@ def _sha(path: Path) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.soak
 def test_queued_experiments_in_parallel_each_record_their_own_run(tmp_path, tiny_model_dir):
     root = queue_project(tmp_path, tiny_model_dir)  # the baseline: every experiment reuses its data stages
     workspace = {p: _sha(root / p) for p in ("reports", "models/model", "models/onnx", "models/checkpoints")}
