@@ -31,9 +31,8 @@ from tests.helpers import REPO, clone_repo, commit_all, sh, synthetic_rows, tiny
 
 STAGES = {"prepare": "prepare", "tokenize": "tokenization", "augment": "augment", "finetune": "finetune",
           "evaluate": "evaluate", "export": "export"}  # stage -> module under stages/
-# One round in the suite (each stage killed once at a seeded random instant, plus the chosen kills below); the
-# README's figure is from TUNEPIPE_FAULT_ROUNDS=3. Each round re-runs most of the pipeline 3-4 times (~9 min on an
-# AVX2-only 2-core CPU).
+# One round by default (each stage killed once at a seeded random instant, plus the chosen kills below); the README's
+# figure is from TUNEPIPE_FAULT_ROUNDS=3. On an AVX2-only 2-core CPU the test took 13-18 min with 1 round, 28 with 3.
 ROUNDS = int(os.environ.get("TUNEPIPE_FAULT_ROUNDS", "1"))
 SEED = 11
 OUTS = ["data/prepared", "data/tokenized", "data/augmented", "models/model", "models/onnx", "reports/data.json",
