@@ -7,6 +7,8 @@ round for each strategy (mean and spread over seeds), the CPU, the load and the 
                                                               # fine-tuning MiniLM each round (hours on 2 CPU cores)
     python benchmarks/active_learning.py --learner embedding  # logistic regression on frozen MiniLM embeddings
     python benchmarks/active_learning.py --learner embedding --pool 3000 --test 1000 --rounds 4 --seeds 2  # small
+    python benchmarks/active_learning.py --pool 5000 --test 1000 --seeds 2 --strategies margin,random \
+        --precision bf16                                      # fine-tuned, smaller pool: ~40 min with AMX
 
 --learner finetune trains the pipeline's model (model.name, fresh head, --epochs) from the pretrained weights each
 round, as `dvc repro` would after labelling; --learner embedding keeps the encoder frozen (sentence embeddings,
@@ -61,6 +63,8 @@ def main() -> None:
     ap.add_argument("--pool", type=int, default=None, help="subsample the train split to this many (default: all)")
     ap.add_argument("--test", type=int, default=None, help="subsample the test split to this many (default: all)")
     ap.add_argument("--epochs", type=float, default=3.0, help="finetune learner: epochs per round")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                    help="finetune learner: bf16 autocast pays only where the CPU has fast bf16 (AMX, AVX-512 BF16)")
     ap.add_argument("--output", help="also write every row as JSON here")
     args = ap.parse_args()
 
@@ -96,7 +100,8 @@ def main() -> None:
             if args.learner == "embedding":
                 learner = embedding_learner(pool_texts + test_texts, all_emb, len(labels), seed)
             else:
-                learner = finetune_learner(args.model, len(labels), epochs=args.epochs, seed=seed)
+                learner = finetune_learner(args.model, len(labels), epochs=args.epochs, seed=seed,
+                                           precision=args.precision)
             t1 = time.perf_counter()
             got = simulate(pool_texts, pool_y, test_texts, test_y, learner, args.start, args.step, args.rounds,
                            strategy, seed, embeddings=emb if diversify else None)
@@ -116,7 +121,8 @@ def main() -> None:
             vals = [x["macro_f1"] for x in rows if x["strategy"] == s and x["round"] == r]
             cells.append(f"{np.mean(vals):.4f} ± {np.std(vals):.4f}")
         print(f"{args.start + r * args.step:8d} | " + " | ".join(cells))
-    print(f"\nCPU: {cpu_model()} ({cpu_isa()}), {os.cpu_count()} cores (shared), fp32; load average "
+    precision = args.precision if args.learner == "finetune" else "fp32"
+    print(f"\nCPU: {cpu_model()} ({cpu_isa()}), {os.cpu_count()} cores, {precision}; load average "
           f"{load0:.2f} at start, {os.getloadavg()[0]:.2f} at end; total {time.perf_counter() - t0:.0f} s")
     if args.output:
         with open(args.output, "w") as fh:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +29,9 @@ from tunepipe import fewshot
 from tunepipe.modeling import cpu_isa, cpu_model
 from tunepipe.params import parse_params
 from tunepipe.tasks import get_task
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the DVC stages (`stages`) live beside the package, not in it
 
 
 def params(k: int, method: str, full_epochs: float, iterations: int = 20):
