@@ -65,6 +65,17 @@ def test_a_small_labelling_loop_on_the_tiny_model(tiny_model_dir):
     assert first_u["pick_entropy"] > first_r["pick_entropy"]
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_fine_tuned_learner_trains_in_each_precision(tiny_model_dir, precision):
+    """Forced explicitly, whatever this CPU would pick: bf16 on a CPU needs Trainer's use_cpu (it refused before)."""
+    labels = ["negative", "neutral", "positive"]
+    rows = synthetic_rows(30, seed=5)
+    learn = finetune_learner(str(tiny_model_dir), 3, epochs=1.0, learning_rate=5e-3, max_length=32,
+                             precision=precision)
+    probs = learn([t for t, _ in rows], np.array([labels.index(y) for _, y in rows]))(["a text", "another text"])
+    assert probs.shape == (2, 3) and np.allclose(probs.sum(-1), 1.0)
+
+
 # ---- the command ----
 
 @pytest.fixture(scope="module")

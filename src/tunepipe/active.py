@@ -146,7 +146,8 @@ def finetune_learner(model_name: str, n_labels: int, epochs: float = 3.0, learni
         args = TrainingArguments(output_dir="/tmp/tunepipe-active", per_device_train_batch_size=batch_size,
                                  per_device_eval_batch_size=64, num_train_epochs=epochs, learning_rate=learning_rate,
                                  seed=seed, report_to="none", disable_tqdm=True, save_strategy="no",
-                                 logging_strategy="no", bf16=precision == "bf16", dataloader_pin_memory=False)
+                                 logging_strategy="no", bf16=precision == "bf16", dataloader_pin_memory=False,
+                                 use_cpu=not torch.cuda.is_available())  # bf16 on a CPU needs it
         trainer = Trainer(model=model, args=args, train_dataset=train, processing_class=tok,
                           data_collator=DataCollatorWithPadding(tok))
         trainer.remove_callback(PrinterCallback)
